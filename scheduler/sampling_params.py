@@ -1,0 +1,70 @@
+"""Per-request sampling and stopping parameters (pure data, validated on creation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_TOP_LOGPROBS = 20
+
+
+class InvalidSamplingParams(ValueError):
+    """A sampling parameter is out of range; the API maps it to a 4xx."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    typical_p: float = 1.0  # accepted for TGI compatibility; 1.0 = off
+    repetition_penalty: float = 1.0  # HF semantics: divides positive logits of seen tokens
+    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # None = off; k >= 0 = chosen token plus top-k alternatives
+    prompt_logprobs: int | None = None  # same, for every prompt position after the first
+    skip_special_tokens: bool = True
+    # Ends a request whose last tokens repeat one loop of at most `repetition_max_period`
+    # tokens for `repetition_window` tokens (0 = off). Fine-tuned adapters that never emit
+    # EOS loop forever otherwise.
+    repetition_window: int = 0
+    repetition_max_period: int = 8
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens >= 1, "max_tokens must be at least 1")
+        _check(self.temperature >= 0.0, "temperature must be >= 0")
+        _check(0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
+        _check(self.top_k >= 0, "top_k must be >= 0 (0 disables it)")
+        _check(0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]")
+        _check(0.0 < self.typical_p <= 1.0, "typical_p must be in (0, 1]")
+        _check(self.repetition_penalty > 0.0, "repetition_penalty must be > 0")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]")
+        _check(self.min_tokens >= 0, "min_tokens must be >= 0")
+        _check(self.min_tokens <= self.max_tokens, "min_tokens must be <= max_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(
+                value is None or 0 <= value <= MAX_TOP_LOGPROBS,
+                f"{name} must be between 0 and {MAX_TOP_LOGPROBS}",
+            )
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
+        _check(self.repetition_window >= 0, "repetition_window must be >= 0")
+        _check(self.repetition_max_period >= 1, "repetition_max_period must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidSamplingParams(message)
