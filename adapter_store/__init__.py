@@ -1,0 +1,38 @@
+"""Adapters: PEFT format parsing and validation, tiers disk -> CPU -> device, eviction.
+
+Imports point one way: this package never imports `server/`.
+"""
+
+from adapter_store.errors import (
+    AdapterError,
+    AdapterInvalid,
+    AdapterNotFound,
+    AdapterTooLarge,
+    AdapterUnsupported,
+)
+from adapter_store.format import (
+    BaseModelSpec,
+    LoraAdapter,
+    LoraAdapterConfig,
+    LoraModuleWeights,
+    ModuleTarget,
+    load_adapter,
+    read_adapter_config,
+    resolve_targets,
+)
+
+__all__ = [
+    "AdapterError",
+    "AdapterInvalid",
+    "AdapterNotFound",
+    "AdapterTooLarge",
+    "AdapterUnsupported",
+    "BaseModelSpec",
+    "LoraAdapter",
+    "LoraAdapterConfig",
+    "LoraModuleWeights",
+    "ModuleTarget",
+    "load_adapter",
+    "read_adapter_config",
+    "resolve_targets",
+]

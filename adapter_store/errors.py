@@ -1,0 +1,72 @@
+"""Typed adapter errors, raised where the problem is found; `server/api` maps them to HTTP codes.
+
+Every error names the adapter, the file (or directory) at fault when there is one, and what
+is wrong, so that a message alone is enough to fix the adapter:
+
+    adapter 'my-id' (/adapters/my-id/adapter_model.safetensors): tensor '...lora_A.weight' ...
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+class AdapterError(Exception):
+    """Base class. `adapter_id` is the user's id, `path` the file at fault (None if none)."""
+
+    def __init__(self, adapter_id: str, path: str | PathLike[str] | None, reason: str) -> None:
+        self.adapter_id = adapter_id
+        self.path = None if path is None else str(path)
+        self.reason = reason
+        super().__init__(adapter_id, self.path, reason)
+
+    def __str__(self) -> str:
+        where = f" ({self.path})" if self.path is not None else ""
+        return f"adapter {self.adapter_id!r}{where}: {self.reason}"
+
+
+class AdapterNotFound(AdapterError):
+    """No such adapter, or its directory / a required file is missing."""
+
+
+class AdapterInvalid(AdapterError):
+    """The adapter's files are malformed or do not fit the base model."""
+
+
+class AdapterTooLarge(AdapterError):
+    """A module's rank exceeds the configured maximum rank."""
+
+    def __init__(
+        self,
+        adapter_id: str,
+        path: str | PathLike[str] | None,
+        rank: int,
+        max_rank: int,
+        module: str | None = None,
+    ) -> None:
+        self.rank = rank
+        self.max_rank = max_rank
+        self.module = module
+        at = f" at {module}" if module else ""
+        super().__init__(
+            adapter_id, path, f"rank {rank}{at} exceeds the configured max rank {max_rank}"
+        )
+        # Exception pickling replays self.args into __init__: keep them in its order.
+        self.args = (adapter_id, self.path, rank, max_rank, module)
+
+
+class AdapterUnsupported(AdapterError):
+    """A valid PEFT adapter that uses a feature loramux does not serve; `feature` names it."""
+
+    def __init__(
+        self,
+        adapter_id: str,
+        path: str | PathLike[str] | None,
+        feature: str,
+        detail: str | None = None,
+    ) -> None:
+        self.feature = feature
+        self.detail = detail
+        reason = f"unsupported feature: {feature}" + (f" ({detail})" if detail else "")
+        super().__init__(adapter_id, path, reason)
+        self.args = (adapter_id, self.path, feature, detail)

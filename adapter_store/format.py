@@ -1,0 +1,706 @@
+"""PEFT LoRA adapters on disk: parse `adapter_config.json`, load `adapter_model.safetensors`,
+and check both against the base model.
+
+An adapter directory holds
+    adapter_config.json          PEFT's LoraConfig as JSON (read alone when registering adapters)
+    adapter_model.safetensors    one lora_A / lora_B pair per adapted projection
+
+Tensors keep PEFT's layout:
+    lora_A.weight  [rank, in_features]
+    lora_B.weight  [out_features, rank]
+Semantics: y += scaling * (x @ lora_A.T) @ lora_B.T
+           scaling = alpha / r, or alpha / sqrt(r) with rsLoRA
+
+Module names are PEFT's names inside the base model, e.g. `model.layers.3.self_attn.q_proj`:
+PEFT matches target_modules, rank_pattern and alpha_pattern before it wraps the model in
+`base_model.model.`, so that prefix is never part of the matched name.
+
+The rules mirror peft 0.21 (`check_target_module_exists`, `get_pattern_key`,
+`_maybe_include_all_linear_layers`, `LoraLayer.update_layer`); the tests compare with peft
+itself. Weights are read with safetensors only: a pickled `adapter_model.bin` is refused,
+never unpickled. This module imports nothing from `server/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import reprlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from adapter_store.errors import (
+    AdapterInvalid,
+    AdapterNotFound,
+    AdapterTooLarge,
+    AdapterUnsupported,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # refused: loading it would run pickle
+ALL_LINEAR = "all-linear"  # PEFT's shorthand, compared case-insensitively as PEFT does
+
+# A config is a few KiB; the cap keeps a stray huge file from being read into memory.
+_MAX_CONFIG_BYTES = 8 << 20
+
+# Leaf name -> parent block inside `model.layers.{i}` for Llama-family models.
+LLAMA_MODULE_PARENTS: Mapping[str, str] = MappingProxyType(
+    {
+        "q_proj": "self_attn",
+        "k_proj": "self_attn",
+        "v_proj": "self_attn",
+        "o_proj": "self_attn",
+        "gate_proj": "mlp",
+        "up_proj": "mlp",
+        "down_proj": "mlp",
+    }
+)
+_LAYERS_PREFIX = "model.layers"
+# Full names of the layers LoRA must not touch here, checked against the target rules.
+_EMBEDDING_NAME = "model.embed_tokens"
+_LM_HEAD_NAME = "lm_head"
+
+# safetensors dtype names we accept for lora_A / lora_B (fp8 and integers are refused).
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+# init_lora_weights values whose adapters only work on base weights PEFT modifies in place
+# (peft redoes it on load). PiSSA/OLoRA/CorDA/LoRA-GA adapters re-saved with
+# path_initial_model_for_weight_conversion say `true` instead and load fine.
+_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+
+# Config keys that, when set (truthy), select a PEFT feature loramux does not serve.
+_UNSUPPORTED_KEYS: tuple[tuple[str, str], ...] = (
+    ("use_dora", "DoRA"),
+    ("modules_to_save", "modules_to_save"),
+    ("lora_bias", "LoRA bias (lora_bias)"),
+    ("target_parameters", "target_parameters"),
+    ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
+    ("layer_replication", "layer_replication"),
+    ("use_qalora", "QA-LoRA (use_qalora)"),
+    ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens)"),
+    ("velora_config", "VeLoRA (velora_config)"),
+    ("monteclora_config", "MonteCLoRA (monteclora_config)"),
+    ("use_bdlora", "BD-LoRA (use_bdlora)"),
+    ("arrow_config", "Arrow routing (arrow_config)"),
+    ("kasa_config", "KaSA (kasa_config)"),
+)
+
+# `<prefix>layers.<i>.<block>.<proj>.lora_<A|B>[.default].weight`, where <prefix> is PEFT's
+# `base_model.model.model.` or a shorter variant other tools write.
+_LORA_KEY = re.compile(
+    r"(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>0|[1-9][0-9]*)\."
+    r"(?P<path>.+?)\.lora_(?P<factor>[AB])(?:\.default)?\.weight"
+)
+# Keys of PEFT features that are not plain LoRA on a projection: (pattern, feature).
+_UNSUPPORTED_KEY_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"lora_embedding_[AB]"), "embedding LoRA"),
+    (re.compile(r"lora_magnitude_vector"), "DoRA"),
+    (re.compile(r"\.lora_[AB](?:\.default)?\.bias$"), "LoRA bias (lora_bias)"),
+    (re.compile(r"trainable_tokens"), "trainable tokens (trainable_token_indices)"),
+    (re.compile(r"(?:^|\.)lm_head\.lora_"), "lm_head LoRA"),
+    (re.compile(r"(?:^|\.)embed_tokens\.lora_"), "embedding LoRA"),
+    (re.compile(r"(?:^|\.)(?:embed_tokens|lm_head)\.weight$"), "saved embedding layers"),
+)
+
+
+def _short_repr() -> reprlib.Repr:
+    """repr() of config values in messages, cut to a line (Repr takes no kwargs before 3.12)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 80
+    short.maxlist = short.maxdict = 8
+    return short
+
+
+_short = _short_repr().repr
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """What an adapter is checked against: the base model's adaptable projections."""
+
+    num_layers: int
+    # module name -> (in_features, out_features); the names are PEFT's leaf names for a
+    # Llama-family model: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+    module_shapes: Mapping[str, tuple[int, int]]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {self.num_layers!r}")
+        if not self.module_shapes:
+            raise ValueError("module_shapes is empty")
+        shapes: dict[str, tuple[int, int]] = {}
+        for name, shape in self.module_shapes.items():
+            if name not in LLAMA_MODULE_PARENTS:
+                raise ValueError(
+                    f"unknown module {name!r}; expected one of {sorted(LLAMA_MODULE_PARENTS)}"
+                )
+            in_features, out_features = shape
+            if min(in_features, out_features) < 1:
+                raise ValueError(f"module {name!r} has shape {shape}, expected positive sizes")
+            shapes[name] = (int(in_features), int(out_features))
+        object.__setattr__(self, "module_shapes", MappingProxyType(shapes))
+
+    @classmethod
+    def from_llama_config(cls, config: Any) -> BaseModelSpec:
+        """The spec of a Llama-family model from its transformers config (duck-typed)."""
+        hidden = config.hidden_size
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+        inter = config.intermediate_size
+        return cls(
+            num_layers=config.num_hidden_layers,
+            module_shapes={
+                "q_proj": (hidden, num_heads * head_dim),
+                "k_proj": (hidden, num_kv_heads * head_dim),
+                "v_proj": (hidden, num_kv_heads * head_dim),
+                "o_proj": (num_heads * head_dim, hidden),
+                "gate_proj": (hidden, inter),
+                "up_proj": (hidden, inter),
+                "down_proj": (inter, hidden),
+            },
+        )
+
+    def __hash__(self) -> int:  # MappingProxyType is unhashable; the spec is a fine cache key
+        return hash((self.num_layers, tuple(self.module_shapes.items())))
+
+    def module_name(self, layer: int, module: str) -> str:
+        """PEFT's full name of a projection, e.g. model.layers.3.self_attn.q_proj."""
+        return f"{_LAYERS_PREFIX}.{layer}.{LLAMA_MODULE_PARENTS[module]}.{module}"
+
+    def modules(self) -> Iterator[tuple[int, str]]:
+        """Every adaptable (layer_index, module_name), layer-major."""
+        for layer in range(self.num_layers):
+            for module in self.module_shapes:
+                yield layer, module
+
+
+@dataclass(frozen=True)
+class LoraAdapterConfig:
+    """The parsed adapter_config.json: only what serving needs; unknown keys are ignored."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    # list form (a module matches its full name or a "." + entry suffix) or a regex string
+    # (re.fullmatch on the full name); "all-linear" is kept as is and resolved by resolve_targets
+    target_modules: tuple[str, ...] | str
+    rank_pattern: Mapping[str, int]  # PEFT pattern -> rank, first match in order wins
+    alpha_pattern: Mapping[str, float]  # PEFT pattern -> alpha, first match in order wins
+    layers_to_transform: tuple[int, ...] | None  # None: every layer
+    layers_pattern: tuple[str, ...] | None  # regexes naming the layer list; None: any
+    base_model_name_or_path: str | None
+    exclude_modules: tuple[str, ...] | str | None = None  # same forms as target_modules
+
+
+@dataclass(frozen=True)
+class ModuleTarget:
+    """Rank and scaling of one adapted projection, from the config alone."""
+
+    rank: int
+    scaling: float
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value
+class LoraModuleWeights:
+    """One adapted projection. Semantics: y += scaling * (x @ lora_a.T) @ lora_b.T"""
+
+    lora_a: torch.Tensor  # [rank, in_features]  (PEFT's lora_A.weight)
+    lora_b: torch.Tensor  # [out_features, rank] (PEFT's lora_B.weight)
+    scaling: float  # alpha / r, or alpha / sqrt(r) with use_rslora (after rank/alpha_pattern)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """A loaded, validated adapter on the CPU, in the dtype it was loaded as."""
+
+    adapter_id: str
+    config: LoraAdapterConfig
+    # (layer_index, module_name) -> weights, layer-major in the spec's module order
+    modules: Mapping[tuple[int, str], LoraModuleWeights]
+    max_rank: int  # max rank over modules
+    num_bytes: int  # bytes of all lora_a / lora_b tensors as loaded
+
+
+# --------------------------------------------------------------------------- config
+
+
+def read_adapter_config(adapter_id: str, directory: str | Path) -> LoraAdapterConfig:
+    """Parse and check `adapter_config.json` in `directory`; never opens the weights.
+
+    Raises AdapterNotFound (no directory or config file), AdapterInvalid (bad JSON or
+    values) or AdapterUnsupported (a PEFT feature loramux does not serve).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterNotFound(adapter_id, directory, "no adapter directory here")
+    path = directory / CONFIG_NAME
+    try:
+        size = path.stat().st_size
+        if size > _MAX_CONFIG_BYTES:
+            raise AdapterInvalid(
+                adapter_id, path, f"config is {size} bytes, more than {_MAX_CONFIG_BYTES}"
+            )
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterNotFound(adapter_id, path, f"missing {CONFIG_NAME}") from None
+    except OSError as e:
+        raise AdapterInvalid(adapter_id, path, f"cannot read config: {e}") from None
+    try:
+        raw = json.loads(data)
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors; deep nesting recurses.
+    except (ValueError, RecursionError) as e:
+        raise AdapterInvalid(adapter_id, path, f"not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise AdapterInvalid(
+            adapter_id, path, f"config must be a JSON object, got {type(raw).__name__}"
+        )
+    return _parse_config(_Fields(raw, adapter_id, path))
+
+
+class _Fields:
+    """Typed reads of config values; every failure is an AdapterInvalid naming the key."""
+
+    def __init__(self, raw: dict[str, Any], adapter_id: str, path: Path) -> None:
+        self.raw = raw
+        self.adapter_id = adapter_id
+        self.path = path
+
+    def invalid(self, key: str, expected: str) -> AdapterInvalid:
+        got = _short(self.raw[key]) if key in self.raw else "nothing"
+        return AdapterInvalid(self.adapter_id, self.path, f"{key!r} must be {expected}, got {got}")
+
+    def unsupported(self, feature: str, key: str) -> AdapterUnsupported:
+        return AdapterUnsupported(
+            self.adapter_id, self.path, feature, f"{key}={_short(self.raw[key])}"
+        )
+
+    def int_(self, key: str, minimum: int) -> int:
+        value = self.raw.get(key)
+        if not _is_int(value) or value < minimum:
+            raise self.invalid(key, f"an integer >= {minimum}")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self.raw.get(key)
+        if not _is_finite_number(value):
+            raise self.invalid(key, "a finite number")
+        return float(value)
+
+    def bool_(self, key: str, default: bool) -> bool:
+        value = self.raw.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.invalid(key, "true or false")
+        return value
+
+    def optional_str(self, key: str) -> str | None:
+        value = self.raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.invalid(key, "a string or null")
+        return value
+
+    def names(self, key: str) -> tuple[str, ...] | str | None:
+        """A regex string, a list of names, or None."""
+        value = self.raw.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise self.invalid(key, "a string, a list of strings or null")
+
+    def pattern_map(self, key: str, valid: Any, expected: str) -> dict[str, Any]:
+        value = self.raw.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(valid(v) for v in value.values()):
+            raise self.invalid(key, f"an object of pattern -> {expected}")
+        for pattern in value:
+            self.check_regex(key, rf"(.*\.)?({pattern})$")
+        return value
+
+    def check_regex(self, key: str, pattern: str) -> None:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise AdapterInvalid(
+                self.adapter_id, self.path, f"{key!r} holds a bad regex {pattern!r}: {e}"
+            ) from None
+
+
+def _parse_config(f: _Fields) -> LoraAdapterConfig:
+    raw = f.raw
+    # Features first: an adapter we will never serve should say so, not fail on a detail.
+    peft_type = raw.get("peft_type", "LORA")  # PEFT's LoraConfig loads configs without it
+    if not isinstance(peft_type, str):
+        raise f.invalid("peft_type", "a string")
+    if peft_type.upper() != "LORA":
+        raise AdapterUnsupported(f.adapter_id, f.path, f"non-LoRA PEFT type {peft_type!r}")
+    for key, feature in _UNSUPPORTED_KEYS:
+        if raw.get(key):
+            raise f.unsupported(feature, key)
+    bias = raw.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise f.invalid("bias", "'none', 'all' or 'lora_only'")
+    if bias != "none":
+        raise f.unsupported("bias != 'none'", "bias")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        raise AdapterUnsupported(
+            f.adapter_id,
+            f.path,
+            f"{init} initialization",
+            "it modifies the base weights, which all adapters share",
+        )
+
+    r = f.int_("r", 1)
+    lora_alpha = f.number("lora_alpha")
+    use_rslora = f.bool_("use_rslora", False)
+
+    target_modules = f.names("target_modules")
+    if target_modules is None or target_modules == () or target_modules == "":
+        raise f.invalid("target_modules", "a non-empty list of module names or a regex")
+    exclude_modules = f.names("exclude_modules")
+    for key, names in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if isinstance(names, str):
+            f.check_regex(key, names)
+
+    rank_pattern = f.pattern_map("rank_pattern", lambda v: _is_int(v) and v >= 1, "rank >= 1")
+    alpha_pattern = f.pattern_map("alpha_pattern", _is_finite_number, "finite alpha")
+
+    # PEFT's own LoraConfig.__post_init__ checks, on the raw values.
+    raw_layers, raw_pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
+    if isinstance(target_modules, str) and (raw_layers is not None or raw_pattern is not None):
+        raise AdapterInvalid(
+            f.adapter_id,
+            f.path,
+            "layers_to_transform / layers_pattern cannot be used with a regex target_modules",
+        )
+    if raw_pattern and raw_layers is None:
+        raise AdapterInvalid(
+            f.adapter_id, f.path, "layers_pattern is set but layers_to_transform is not"
+        )
+
+    layers_to_transform: tuple[int, ...] | None
+    if raw_layers is None or raw_layers == []:
+        layers_to_transform = None  # PEFT treats [] like None: every layer
+    elif _is_int(raw_layers) and raw_layers >= 0:
+        layers_to_transform = (raw_layers,)
+    elif isinstance(raw_layers, list) and all(_is_int(i) and i >= 0 for i in raw_layers):
+        layers_to_transform = tuple(raw_layers)
+    else:
+        raise f.invalid("layers_to_transform", "a layer index >= 0, a list of them or null")
+
+    layers_pattern = f.names("layers_pattern")
+    if isinstance(layers_pattern, str):
+        layers_pattern = (layers_pattern,)
+    if not layers_pattern:
+        layers_pattern = None  # PEFT: an empty layers_pattern accepts any layer list
+    for pattern in layers_pattern or ():
+        f.check_regex("layers_pattern", pattern)
+
+    return LoraAdapterConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        target_modules=target_modules,
+        rank_pattern=MappingProxyType(dict(rank_pattern)),
+        alpha_pattern=MappingProxyType({k: float(v) for k, v in alpha_pattern.items()}),
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
+        base_model_name_or_path=f.optional_str("base_model_name_or_path"),
+        exclude_modules=exclude_modules,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def resolve_targets(
+    adapter_id: str,
+    config: LoraAdapterConfig,
+    spec: BaseModelSpec,
+    path: str | Path | None = None,
+) -> dict[tuple[int, str], ModuleTarget]:
+    """Which projections the config adapts, with each one's rank and scaling.
+
+    Needs only the config (no weights), so a store can size an adapter before loading it.
+    `path` (the config file) is only used in error messages.
+
+    Semantics (PEFT's, per full module name n such as model.layers.3.self_attn.q_proj):
+        targeted(n) = n matches target_modules and not exclude_modules (and layers_to_transform)
+        rank(n)  = rank_pattern[first key k in order with re.match(rf"(.*\\.)?({k})$", n)] else r
+        alpha(n) = alpha_pattern[... same rule ...] else lora_alpha
+        scaling(n) = alpha(n) / sqrt(rank(n)) if use_rslora else alpha(n) / rank(n)
+
+    Raises AdapterUnsupported when the embeddings or lm_head are targeted, and
+    AdapterInvalid when nothing of the base model is.
+    """
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        # PEFT resolves "all-linear" to every nn.Linear but the output head; in a
+        # Llama-family model those are exactly the block projections the spec lists.
+        targets = tuple(spec.module_name(layer, module) for layer, module in spec.modules())
+
+    for name, feature in ((_EMBEDDING_NAME, "embedding LoRA"), (_LM_HEAD_NAME, "lm_head LoRA")):
+        if _is_targeted(config, targets, name):
+            raise AdapterUnsupported(adapter_id, path, feature, f"target_modules matches {name}")
+
+    resolved: dict[tuple[int, str], ModuleTarget] = {}
+    for layer, module in spec.modules():
+        name = spec.module_name(layer, module)
+        if not _is_targeted(config, targets, name):
+            continue
+        rank = _pattern_value(config.rank_pattern, name, config.r)
+        alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        resolved[(layer, module)] = ModuleTarget(rank=rank, scaling=scaling)
+    if not resolved:
+        layers = ""
+        if config.layers_to_transform is not None:
+            layers = f" in layers_to_transform {list(config.layers_to_transform)}"
+            if config.layers_pattern is not None:
+                layers += f" under layers_pattern {list(config.layers_pattern)}"
+        raise AdapterInvalid(
+            adapter_id,
+            path,
+            f"target_modules {_short(config.target_modules)}{layers} match no projection of "
+            f"the base model ({', '.join(spec.module_shapes)} in {spec.num_layers} layers)",
+        )
+    return resolved
+
+
+def _matches_names(names: tuple[str, ...] | str, name: str) -> bool:
+    """PEFT's module-name rule: regex fullmatch, or equal to / ends with "." + an entry."""
+    if isinstance(names, str):
+        return re.fullmatch(names, name) is not None
+    return name in names or any(name.endswith("." + entry) for entry in names)
+
+
+def _is_targeted(config: LoraAdapterConfig, targets: tuple[str, ...] | str, name: str) -> bool:
+    """Port of peft's check_target_module_exists (modules_to_save is refused earlier)."""
+    if config.exclude_modules and _matches_names(config.exclude_modules, name):
+        return False
+    if not _matches_names(targets, name):
+        return False
+    # PEFT applies layers_to_transform to list targets only (LoraConfig forbids it with a regex).
+    if isinstance(targets, str) or config.layers_to_transform is None:
+        return True
+    layer_index = _layer_index(name, config.layers_pattern)
+    return layer_index is not None and layer_index in config.layers_to_transform
+
+
+def _layer_index(name: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+    """The first numbered segment after the layer list, as PEFT finds it (lazy: first index)."""
+    if layers_pattern is None:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """Port of peft's get_pattern_key + dict lookup: the first key (in order) that matches wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return patterns.get(name, default)  # PEFT falls back to the name itself as a key
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def load_adapter(
+    adapter_id: str,
+    directory: str | Path,
+    spec: BaseModelSpec,
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+) -> LoraAdapter:
+    """Read config and safetensors weights, check them against `spec`, convert to `dtype`.
+
+    Raises AdapterNotFound, AdapterInvalid, AdapterTooLarge (a rank > max_rank) or
+    AdapterUnsupported; never a raw JSON / safetensors / OS error.
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating type, got {dtype}")
+    directory = Path(directory)
+    config = read_adapter_config(adapter_id, directory)
+    config_path = directory / CONFIG_NAME
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.exists():
+        if (directory / PICKLED_WEIGHTS_NAME).exists():
+            raise AdapterUnsupported(
+                adapter_id,
+                directory / PICKLED_WEIGHTS_NAME,
+                f"pickled weights ({PICKLED_WEIGHTS_NAME})",
+                f"convert it to {WEIGHTS_NAME}",
+            )
+        raise AdapterNotFound(adapter_id, weights_path, f"missing {WEIGHTS_NAME}")
+
+    # Rank limits come from the config alone: refuse before reading any weights.
+    targets = resolve_targets(adapter_id, config, spec, config_path)
+    (layer, module), largest = max(targets.items(), key=lambda item: item[1].rank)
+    if largest.rank > max_rank:
+        raise AdapterTooLarge(
+            adapter_id, config_path, largest.rank, max_rank, spec.module_name(layer, module)
+        )
+
+    try:
+        modules = _read_weights(adapter_id, weights_path, spec, targets, dtype)
+    except SafetensorError as e:
+        raise AdapterInvalid(
+            adapter_id, weights_path, f"not a valid safetensors file: {e}"
+        ) from None
+    except FileNotFoundError:  # removed since the exists() check
+        raise AdapterNotFound(adapter_id, weights_path, f"missing {WEIGHTS_NAME}") from None
+    except OSError as e:
+        raise AdapterInvalid(adapter_id, weights_path, f"cannot read weights: {e}") from None
+
+    return LoraAdapter(
+        adapter_id=adapter_id,
+        config=config,
+        modules=MappingProxyType(modules),
+        max_rank=largest.rank,
+        num_bytes=sum(_nbytes(w.lora_a) + _nbytes(w.lora_b) for w in modules.values()),
+    )
+
+
+def _read_weights(
+    adapter_id: str,
+    path: Path,
+    spec: BaseModelSpec,
+    targets: Mapping[tuple[int, str], ModuleTarget],
+    dtype: torch.dtype,
+) -> dict[tuple[int, str], LoraModuleWeights]:
+    def invalid(reason: str) -> AdapterInvalid:
+        return AdapterInvalid(adapter_id, path, reason)
+
+    # safe_open checks the header (JSON, dtypes, offsets, file size) up front; tensor data
+    # is read only by get_tensor.
+    with safe_open(path, framework="pt", device="cpu") as f:
+        # 1. Map every key to its (layer, module) and check dtype and shape from the header
+        #    alone, so a wrong adapter is refused before any tensor data is read.
+        keys: dict[tuple[int, str], dict[str, str]] = {}  # (layer, module) -> {"A"|"B": key}
+        for key in f.keys():
+            layer, module, factor = _parse_tensor_key(adapter_id, path, key, spec)
+            name = spec.module_name(layer, module)
+            target = targets.get((layer, module))
+            if target is None:
+                raise invalid(f"tensor {key!r} is for {name}, which target_modules does not target")
+            pair = keys.setdefault((layer, module), {})
+            if factor in pair:
+                raise invalid(
+                    f"tensors {pair[factor]!r} and {key!r} are both lora_{factor} of {name}"
+                )
+            pair[factor] = key
+
+            tensor_slice = f.get_slice(key)
+            stored = tensor_slice.get_dtype()
+            if stored not in _FLOAT_DTYPES:
+                raise invalid(
+                    f"tensor {key!r} has dtype {stored}, expected one of {', '.join(_FLOAT_DTYPES)}"
+                )
+            in_features, out_features = spec.module_shapes[module]
+            expected, layout = (
+                ([target.rank, in_features], "[rank, in_features]")
+                if factor == "A"
+                else ([out_features, target.rank], "[out_features, rank]")
+            )
+            shape = list(tensor_slice.get_shape())
+            if shape != expected:
+                raise invalid(
+                    f"tensor {key!r} has shape {shape}, expected {expected} = {layout} of {name} "
+                    f"with rank {target.rank} from adapter_config.json"
+                )
+
+        for layer, module in targets:
+            for factor in "AB":
+                if factor not in keys.get((layer, module), {}):
+                    raise invalid(
+                        f"no lora_{factor} tensor for {spec.module_name(layer, module)}, "
+                        "which target_modules targets"
+                    )
+
+        # 2. Read, convert, and refuse non-finite values (one vectorized pass per tensor).
+        modules: dict[tuple[int, str], LoraModuleWeights] = {}
+        for (layer, module), target in targets.items():
+            pair = keys[(layer, module)]
+            lora_a = _read_finite(f, pair["A"], dtype, invalid)  # [rank, in_features]
+            lora_b = _read_finite(f, pair["B"], dtype, invalid)  # [out_features, rank]
+            modules[(layer, module)] = LoraModuleWeights(lora_a, lora_b, target.scaling)
+    return modules
+
+
+def _parse_tensor_key(
+    adapter_id: str, path: Path, key: str, spec: BaseModelSpec
+) -> tuple[int, str, str]:
+    """(layer_index, module_name, "A" | "B") of a safetensors key, or a typed error."""
+    for pattern, feature in _UNSUPPORTED_KEY_PATTERNS:
+        if pattern.search(key):
+            raise AdapterUnsupported(adapter_id, path, feature, f"tensor {key!r}")
+    match = _LORA_KEY.fullmatch(key)
+    if match is None:
+        raise AdapterInvalid(
+            adapter_id,
+            path,
+            f"unexpected tensor {key!r}; expected "
+            "'base_model.model.model.layers.<i>.<block>.<proj>.lora_A.weight' or lora_B",
+        )
+    layer = int(match.group("layer"))
+    module = match.group("path").rsplit(".", 1)[-1]
+    if module not in spec.module_shapes or match.group("path") != (
+        f"{LLAMA_MODULE_PARENTS[module]}.{module}"
+    ):
+        known = ", ".join(f"{LLAMA_MODULE_PARENTS[m]}.{m}" for m in spec.module_shapes)
+        raise AdapterInvalid(
+            adapter_id,
+            path,
+            f"tensor {key!r} is for {match.group('path')!r}, not a projection of the base "
+            f"model ({known})",
+        )
+    if layer >= spec.num_layers:
+        raise AdapterInvalid(
+            adapter_id,
+            path,
+            f"tensor {key!r} is for layer {layer}, but the base model has {spec.num_layers} layers",
+        )
+    return layer, module, match.group("factor")
+
+
+def _read_finite(
+    f: Any, key: str, dtype: torch.dtype, invalid: Callable[[str], AdapterInvalid]
+) -> torch.Tensor:
+    stored = f.get_tensor(key)
+    tensor = stored.to(dtype)
+    if not torch.isfinite(tensor).all():
+        # Tell a NaN/inf in the file from a value that overflowed the serving dtype.
+        if stored.dtype != dtype and torch.isfinite(stored).all():
+            raise invalid(f"tensor {key!r} has values out of range for {dtype}")
+        raise invalid(f"tensor {key!r} contains NaN or inf")
+    return tensor
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
