@@ -1,0 +1,109 @@
+"""Build small engines for tests: a tiny random model (or the default one) + a tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from adapter_store.device_slots import write_adapter_to_slot
+from adapter_store.format import load_adapter
+from kernels.backend import select_backend
+from scheduler.config import SchedulerConfig
+from scheduler.scheduler import Scheduler
+from server.engine_core import EngineCore
+from server.model_fetch import default_model_dir, is_complete
+from server.models.loader import load_model
+from server.runner.model_runner import ModelRunner
+from tests.tiny_models import save_tiny_model
+
+
+def default_model_or_skip() -> Path:
+    path = default_model_dir()
+    if not is_complete(path):
+        pytest.skip("the default model is not fetched (run `loramux fetch-model`)")
+    return path
+
+
+class StaticResidency:
+    """Adapters written into fixed slots up front; nothing loads or evicts (tests only)."""
+
+    def __init__(self, slots: dict[str, int], num_slots: int) -> None:
+        self.slots = dict(slots)
+        self._num_slots = num_slots
+        self.pins: dict[int, int] = {}
+
+    @property
+    def num_slots(self) -> int:
+        return self._num_slots
+
+    def is_resident(self, adapter_id: str) -> bool:
+        return adapter_id in self.slots
+
+    def prefetch(self, adapter_id: str) -> None:
+        pass
+
+    def pin(self, adapter_id: str) -> int | None:
+        slot = self.slots.get(adapter_id)
+        if slot is not None:
+            self.pins[slot] = self.pins.get(slot, 0) + 1
+        return slot
+
+    def unpin(self, slot: int) -> None:
+        self.pins[slot] -= 1
+        assert self.pins[slot] >= 0
+
+    def load_error(self, adapter_id: str) -> str | None:
+        return None if adapter_id in self.slots else f"unknown adapter {adapter_id!r}"
+
+
+def build_core(
+    model_dir: Path,
+    tokenizer,
+    adapters: dict[str, Path] | None = None,
+    backend: str = "cpu",
+    num_kv_blocks: int = 256,
+    block_size: int = 16,
+    max_model_len: int = 512,
+    max_lora_rank: int = 16,
+    **scheduler_overrides,
+) -> EngineCore:
+    adapters = adapters or {}
+    num_slots = max(1, len(adapters))
+    model = load_model(
+        model_dir,
+        select_backend(torch.device("cpu"), torch.float32, name=backend),
+        max_model_len=max_model_len,
+        max_lora_slots=num_slots,
+        max_lora_rank=max_lora_rank,
+    )
+    spec = model.spec.base_model_spec()
+    slots = {}
+    for slot, (name, directory) in enumerate(adapters.items()):
+        write_adapter_to_slot(model.lora_buffers(), slot, load_adapter(name, directory, spec, max_lora_rank))
+        slots[name] = slot
+    config = SchedulerConfig(
+        num_kv_blocks=num_kv_blocks,
+        block_size=block_size,
+        max_model_len=max_model_len,
+        max_loras=num_slots,
+        eos_token_ids=frozenset({tokenizer.eos_token_id}),
+        **scheduler_overrides,
+    )
+    scheduler = Scheduler(config, StaticResidency(slots, num_slots))
+    return EngineCore(scheduler, ModelRunner(model, num_kv_blocks, block_size), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    return AutoTokenizer.from_pretrained(default_model_or_skip())
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smol_tokenizer):
+    """A tiny random Llama with the default model's vocabulary (so its tokenizer fits)."""
+    directory = tmp_path_factory.mktemp("tiny-chat")
+    hf = save_tiny_model(directory, "llama", vocab_size=len(smol_tokenizer), max_position_embeddings=1024)
+    return directory, hf
