@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Segments with at least this many tokens go to torch (BLAS beats the fused kernel there).
 LONG_SEGMENT_TOKENS = 16
+MAX_SLICES = 8  # matches the C kernel's slice table
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -66,10 +67,11 @@ class CpuLoraBackend:
     def __init__(self, library: ctypes.CDLL, num_threads: int | None = None) -> None:
         self._kernel = library.lora_sgmv_f32
         self._kernel.restype = None
-        self._kernel.argtypes = [_P, _I64, _P, _I64, _I, _I, _P, _P, _I, _P, _P, _P, _P, _P, _I, _I]
+        self._kernel.argtypes = [_P, _I64, _P, _I64, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I]
         self._num_threads = num_threads
         self._planned_info: LoraBatchInfo | None = None
         self._plan: _SegmentPlan | None = None
+        self._slice_tables: dict[int, _SliceTable] = {}  # id(slices) -> pointer arrays
 
     @classmethod
     def create(cls, dtype: torch.dtype, cache_dir: Path | None = None):
@@ -104,25 +106,68 @@ class CpuLoraBackend:
             return
         if y.dtype != torch.float32 or x.dtype != torch.float32 or y.stride(1) != 1 or x.stride(1) != 1:
             raise ValueError("the CPU LoRA kernel needs fp32 tensors with contiguous rows")
-        threads = self._num_threads or torch.get_num_threads()
-        offset = 0
-        for buffers in slices:
-            self._kernel(
-                y.data_ptr() + offset * y.element_size(),
-                y.stride(0),
-                x.data_ptr(),
-                x.stride(0),
-                buffers.in_features,
-                buffers.out_features,
-                buffers.lora_a.data_ptr(),
-                buffers.lora_b.data_ptr(),
-                buffers.max_rank,
-                buffers.ranks.data_ptr(),
-                plan.short_start.data_ptr(),
-                plan.short_end.data_ptr(),
-                plan.short_slot.data_ptr(),
-                plan.short_scale.data_ptr(),
-                plan.num_short,
-                threads,
-            )
-            offset += buffers.out_features
+        table = self._slice_table(slices)
+        self._kernel(
+            y.data_ptr(),
+            y.stride(0),
+            x.data_ptr(),
+            x.stride(0),
+            x.shape[1],
+            table.a_ptrs.data_ptr(),
+            table.b_ptrs.data_ptr(),
+            table.rank_ptrs.data_ptr(),
+            table.out_offsets.data_ptr(),
+            table.out_widths.data_ptr(),
+            len(slices),
+            table.max_rank,
+            plan.short_start.data_ptr(),
+            plan.short_end.data_ptr(),
+            plan.short_slot.data_ptr(),
+            plan.short_scale.data_ptr(),
+            plan.num_short,
+            self._num_threads or torch.get_num_threads(),
+        )
+
+    def _slice_table(self, slices: Sequence[LoraModuleBuffers]) -> "_SliceTable":
+        # The model passes the same slice tuples every step: build their pointer arrays once.
+        table = self._slice_tables.get(id(slices))
+        if table is None or table.slices is not slices:
+            table = _SliceTable.build(slices)
+            self._slice_tables[id(slices)] = table
+        return table
+
+
+@dataclass(frozen=True)
+class _SliceTable:
+    """Raw pointers and widths of a fused projection's slices, as the C kernel takes them."""
+
+    slices: Sequence[LoraModuleBuffers]  # kept alive and compared by identity
+    a_ptrs: torch.Tensor  # int64 [num_slices]
+    b_ptrs: torch.Tensor  # int64 [num_slices]
+    rank_ptrs: torch.Tensor  # int64 [num_slices]
+    out_offsets: torch.Tensor  # int32 [num_slices]
+    out_widths: torch.Tensor  # int32 [num_slices]
+    max_rank: int
+
+    @classmethod
+    def build(cls, slices: Sequence[LoraModuleBuffers]) -> "_SliceTable":
+        if len(slices) > MAX_SLICES:
+            raise ValueError(f"the CPU kernel takes at most {MAX_SLICES} slices per call")
+        if len({b.max_rank for b in slices}) != 1 or len({b.in_features for b in slices}) != 1:
+            raise ValueError("fused slices must share max_rank and in_features")
+        for b in slices:
+            if b.lora_a.dtype != torch.float32 or not (b.lora_a.is_contiguous() and b.lora_b.is_contiguous()):
+                raise ValueError("the CPU kernel needs contiguous fp32 LoRA buffers")
+        offsets, offset = [], 0
+        for b in slices:
+            offsets.append(offset)
+            offset += b.out_features
+        return cls(
+            slices=slices,
+            a_ptrs=torch.tensor([b.lora_a.data_ptr() for b in slices], dtype=torch.int64),
+            b_ptrs=torch.tensor([b.lora_b.data_ptr() for b in slices], dtype=torch.int64),
+            rank_ptrs=torch.tensor([b.ranks.data_ptr() for b in slices], dtype=torch.int64),
+            out_offsets=torch.tensor(offsets, dtype=torch.int32),
+            out_widths=torch.tensor([b.out_features for b in slices], dtype=torch.int32),
+            max_rank=slices[0].max_rank,
+        )

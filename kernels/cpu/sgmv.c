@@ -1,24 +1,37 @@
 /* Segmented gather matmul for LoRA on the CPU, fp32 (the decode-heavy path).
  *
- * Semantics, for each listed segment i with slot w = seg_slot[i] and r = ranks[w]:
- *   y[seg_start[i]:seg_end[i]] += seg_scale[i] * (x[rows] @ A[w, :r].T) @ B[w, :r]
- * A: [max_slots, max_rank, in_f], B: [max_slots, max_rank, out_f], both contiguous.
- * y and x are row-major with the given row strides (y may be a column slice of a wider
- * output: pass the slice's first element and the full row stride).
+ * Semantics, for each listed segment i (slot w = seg_slot[i]) and each output slice k
+ * (columns out_offsets[k] .. + out_widths[k] of y), with r = ranks_k[w]:
+ *   y[seg_start[i]:seg_end[i], slice k] += seg_scale[i] * (x[rows] @ A_k[w, :r].T) @ B_k[w, :r]
+ * A_k: [max_slots, max_rank, in_f] and B_k: [max_slots, max_rank, out_widths[k]], both
+ * contiguous (kernels/buffers.py). x and y are row-major with the given row strides.
+ * Slices share x: one call serves a fused projection (q/k/v, or gate/up).
  *
  * Why hand-written: a decode step has a few tokens per adapter, so torch spends its time
  * dispatching hundreds of tiny matmuls, and a masked dense product does work for every
- * adapter on every token. Here each adapter's A and B are streamed from memory once per
- * call, each token costs only its own rank, and the per-token arithmetic order does not
- * depend on what else is in the batch (batch-invariant results).
+ * adapter on every token. Here each adapter's A and B rows are streamed from memory once
+ * per call and each token costs only its own rank.
+ *
+ * Parallelism: with several segments, each thread takes whole segments (balanced by bytes),
+ * so it streams long runs of one adapter's rows and needs no barrier; with one segment,
+ * threads split its rank rows (shrink) and then its output columns (expand).
+ * Either way every output element sees the same operations in the same order, so the
+ * result does not depend on the rest of the batch or on the thread count.
  * Links against the OpenMP runtime torch already loaded (same soname), so it shares
  * torch's threads instead of fighting them.
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <omp.h>
 
-#define COLUMN_BLOCK 128
 #define LANES 16
+
+typedef struct {
+    const float *a;       /* [max_slots, max_rank, in_f] */
+    const float *b;       /* [max_slots, max_rank, out] */
+    const int32_t *ranks; /* [max_slots] */
+    int out_offset, out;
+} Slice;
 
 /* A dot product whose summation order is fixed by the source (LANES partial sums, then
  * summed in order), so it does not depend on alignment or on the rest of the batch;
@@ -35,71 +48,108 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
     return sum;
 }
 
-void lora_sgmv_f32(float *restrict y, int64_t y_stride,
-                   const float *restrict x, int64_t x_stride,
-                   int in_f, int out_f,
-                   const float *restrict A, const float *restrict B, int max_rank,
-                   const int32_t *ranks,
-                   const int32_t *seg_start, const int32_t *seg_end,
-                   const int32_t *seg_slot, const float *seg_scale, int num_segs,
-                   int num_threads)
+/* y[t, c0:c1] += h[t, j] * B[j, c0:c1] for j < r, in order of j. */
+static inline void expand_rows(float *restrict y, int64_t y_stride, const float *restrict h,
+                               int max_rank, const float *restrict b, int out, int r,
+                               int t0, int t1, int c0, int c1)
 {
-    /* h rows follow the listed segments' rows, packed: h_row[i] = first row of segment i. */
+    for (int j = 0; j < r; j++) {
+        const float *br = b + (int64_t)j * out;
+        for (int t = t0; t < t1; t++) {
+            float *yr = y + (int64_t)t * y_stride;
+            const float hv = h[(int64_t)(t - t0) * max_rank + j];
+            #pragma omp simd
+            for (int c = c0; c < c1; c++) yr[c] += hv * br[c];
+        }
+    }
+}
+
+/* h[t - t0, j] = scale * (x[t] . A[j]) for j in [j0, j1). */
+static inline void shrink_rows(float *restrict h, int max_rank, const float *restrict x,
+                               int64_t x_stride, const float *restrict a, int in_f,
+                               int t0, int t1, int j0, int j1, float scale)
+{
+    for (int j = j0; j < j1; j++) {
+        const float *ar = a + (int64_t)j * in_f;
+        for (int t = t0; t < t1; t++)
+            h[(int64_t)(t - t0) * max_rank + j] = dot(ar, x + (int64_t)t * x_stride, in_f) * scale;
+    }
+}
+
+void lora_sgmv_f32(float *y, int64_t y_stride, const float *x, int64_t x_stride, int in_f,
+                   const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *rank_ptrs,
+                   const int32_t *out_offsets, const int32_t *out_widths, int num_slices,
+                   int max_rank,
+                   const int32_t *seg_start, const int32_t *seg_end, const int32_t *seg_slot,
+                   const float *seg_scale, int num_segs, int num_threads)
+{
+    Slice slices[8];
+    if (num_slices > 8 || num_segs <= 0) return;
+    for (int k = 0; k < num_slices; k++) {
+        slices[k].a = (const float *)(intptr_t)a_ptrs[k];
+        slices[k].b = (const float *)(intptr_t)b_ptrs[k];
+        slices[k].ranks = (const int32_t *)(intptr_t)rank_ptrs[k];
+        slices[k].out_offset = out_offsets[k];
+        slices[k].out = out_widths[k];
+    }
+    /* Phase 1 (shrink): work items are (slice, segment, rank row), split evenly.
+     * Phase 2 (expand): each thread owns a contiguous range of the fused output columns. */
+    int64_t *item_start = malloc(sizeof(int64_t) * (num_slices * num_segs + 1));
     int64_t *h_row = malloc(sizeof(int64_t) * (num_segs + 1));
-    int64_t *shrink_start = malloc(sizeof(int64_t) * (num_segs + 1));
-    if (!h_row || !shrink_start) { free(h_row); free(shrink_start); return; }
-    int64_t rows = 0, shrink_items = 0;
-    for (int i = 0; i < num_segs; i++) {
-        h_row[i] = rows;
-        shrink_start[i] = shrink_items;
-        rows += seg_end[i] - seg_start[i];
-        shrink_items += ranks[seg_slot[i]];
+    int total_cols = 0;
+    for (int k = 0; k < num_slices; k++) total_cols += slices[k].out;
+    int64_t items = 0, rows = 0;
+    for (int s = 0; s < num_segs; s++) {
+        h_row[s] = rows;
+        rows += seg_end[s] - seg_start[s];
     }
     h_row[num_segs] = rows;
-    shrink_start[num_segs] = shrink_items;
-    float *h = malloc(sizeof(float) * (rows > 0 ? rows : 1) * (max_rank > 0 ? max_rank : 1));
-    if (!h) { free(h_row); free(shrink_start); return; }
-
-    const int64_t a_slot = (int64_t)max_rank * in_f, b_slot = (int64_t)max_rank * out_f;
-    const int num_col_blocks = (out_f + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
-
+    for (int k = 0; k < num_slices; k++)
+        for (int s = 0; s < num_segs; s++) {
+            item_start[k * num_segs + s] = items;
+            items += slices[k].ranks[seg_slot[s]];
+        }
+    item_start[num_slices * num_segs] = items;
+    /* h for slice k, segment s: rows h_row[s].., at offset k * rows * max_rank. */
+    float *h = malloc(sizeof(float) * (rows > 0 ? rows : 1) * max_rank * num_slices + 1);
+    if (!item_start || !h_row || !h) { free(item_start); free(h_row); free(h); return; }
     #pragma omp parallel num_threads(num_threads)
     {
-        /* Shrink: one work item per (segment, rank row); the A row is read once and
-         * dotted with every token of the segment. */
-        #pragma omp for schedule(static)
-        for (int64_t g = 0; g < shrink_items; g++) {
-            int i = 0;
-            while (shrink_start[i + 1] <= g) i++;
-            const int j = (int)(g - shrink_start[i]);
-            const float *a = A + seg_slot[i] * a_slot + (int64_t)j * in_f;
-            for (int t = seg_start[i]; t < seg_end[i]; t++) {
-                const float *xr = x + (int64_t)t * x_stride;
-                h[(h_row[i] + t - seg_start[i]) * max_rank + j] = dot(a, xr, in_f) * seg_scale[i];
-            }
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t g0 = items * tid / nt, g1 = items * (tid + 1) / nt;
+        int ks = 0;
+        while (g0 < g1 && item_start[ks + 1] <= g0) ks++;
+        for (int64_t g = g0; g < g1;) {
+            while (item_start[ks + 1] <= g) ks++;
+            const int k = ks / num_segs, s = ks % num_segs;
+            const int64_t j0 = g - item_start[ks];
+            const int64_t j1 = (item_start[ks + 1] < g1 ? item_start[ks + 1] : g1) - item_start[ks];
+            const int slot = seg_slot[s];
+            shrink_rows(h + ((int64_t)k * rows + h_row[s]) * max_rank, max_rank, x, x_stride,
+                        slices[k].a + (int64_t)slot * max_rank * in_f, in_f,
+                        seg_start[s], seg_end[s], (int)j0, (int)j1, seg_scale[s]);
+            g += j1 - j0;
         }
-        /* Expand: threads own column blocks of y, so no two write the same element. */
-        #pragma omp for schedule(static)
-        for (int cb = 0; cb < num_col_blocks; cb++) {
-            const int c0 = cb * COLUMN_BLOCK;
-            const int c1 = c0 + COLUMN_BLOCK < out_f ? c0 + COLUMN_BLOCK : out_f;
-            for (int i = 0; i < num_segs; i++) {
-                const int r = ranks[seg_slot[i]];
-                const float *b = B + seg_slot[i] * b_slot;
-                for (int t = seg_start[i]; t < seg_end[i]; t++) {
-                    float *yr = y + (int64_t)t * y_stride;
-                    const float *hr = h + (h_row[i] + t - seg_start[i]) * max_rank;
-                    for (int j = 0; j < r; j++) {
-                        const float *br = b + (int64_t)j * out_f;
-                        const float hv = hr[j];
-                        #pragma omp simd
-                        for (int c = c0; c < c1; c++) yr[c] += hv * br[c];
-                    }
-                }
+        #pragma omp barrier
+        const int units = (total_cols + LANES - 1) / LANES;
+        const int c_lo = units * tid / nt * LANES, c_hi = units * (tid + 1) / nt * LANES;
+        int base = 0;
+        for (int k = 0; k < num_slices; k++) {
+            const int out = slices[k].out;
+            const int c0 = c_lo - base > 0 ? c_lo - base : 0;
+            const int c1 = c_hi - base < out ? c_hi - base : out;
+            base += out;
+            if (c0 >= c1) continue;
+            for (int s = 0; s < num_segs; s++) {
+                const int slot = seg_slot[s], r = slices[k].ranks[slot];
+                if (r == 0) continue;
+                expand_rows(y + slices[k].out_offset, y_stride, h + ((int64_t)k * rows + h_row[s]) * max_rank,
+                            max_rank, slices[k].b + (int64_t)slot * max_rank * out, out, r,
+                            seg_start[s], seg_end[s], c0, c1);
             }
         }
     }
-    free(h);
+    free(item_start);
     free(h_row);
-    free(shrink_start);
+    free(h);
 }
