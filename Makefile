@@ -26,8 +26,10 @@ $(MODEL_DIR)/.loramux-complete: | $(BIN)/.installed
 
 model: $(MODEL_DIR)/.loramux-complete
 
+# Serves the default model (and the demo adapters once they ship) on 127.0.0.1:8000.
+SERVE_ARGS ?=
 serve: install model
-	@echo "not yet: the HTTP server lands with the server issue"
+	$(BIN)/loramux serve $(SERVE_ARGS)
 
 # The default suite: everything but the suites marked slow.
 test: install model
@@ -37,8 +39,8 @@ test-slow: install model
 	$(PYTEST) -m "slow" -q
 
 test-kernels: install
-	set -o pipefail; TRITON_INTERPRET=1 $(PYTEST) tests/kernels -q -p no:cacheprovider | tee /tmp/loramux-kernels.log
-	@$(BIN)/python bench/summarize_pytest.py kernels /tmp/loramux-kernels.log
+	TRITON_INTERPRET=1 $(PYTEST) tests/kernels -q -p no:cacheprovider | tee /tmp/loramux-kernels.log; \
+	$(BIN)/python bench/summarize_pytest.py kernels /tmp/loramux-kernels.log
 
 golden: install model
 	$(BIN)/python -m tests.golden.run_golden

@@ -14,6 +14,12 @@ def _fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from server.serve import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loramux", description="Multi-adapter LoRA inference server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--target", help="directory (default: $LORAMUX_HOME/models/smollm2-135m-instruct)")
     fetch.add_argument("--force", action="store_true", help="fetch again even if present")
     fetch.set_defaults(handler=_fetch_model)
+
+    from server.serve import add_serve_arguments
+
+    serve = commands.add_parser("serve", help="start the HTTP server (default: the default model on 127.0.0.1:8000)")
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=_serve)
     return parser
 
 

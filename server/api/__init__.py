@@ -1,0 +1,1 @@
+"""HTTP API: LoRAX/TGI-compatible generate, OpenAI-compatible completions, adapter management."""

@@ -1,0 +1,534 @@
+"""OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
+
+`model` names the adapter (the base model's id or "" means base). Errors use vLLM's shape
+`{"error": {"message", "type", "param", "code"}}`; an unknown model is a 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from scheduler.output import TokenLogprobs
+from scheduler.request import FinishReason
+from server.api.auth import check_api_key
+from server.api.context import current_request_id, get_service
+from server.api.sse import sse_event, sse_response
+from server.outputs import RequestOutput
+from server.service import Generation, GenerationService, InvalidRequest, ServiceError
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+STATUS = {"validation": 400, "not_found": 404, "overloaded": 429, "generation": 500, "internal": 500}
+TYPES = {
+    "validation": "BadRequestError",
+    "not_found": "NotFoundError",
+    "overloaded": "RateLimitError",
+    "generation": "InternalServerError",
+    "internal": "InternalServerError",
+}
+MAX_N = 16
+
+
+class OpenAIError(Exception):
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def openai_error_response(error: ServiceError, status: int | None = None) -> JSONResponse:
+    status = status or STATUS[error.kind]
+    body = {"error": {"message": error.message, "type": TYPES[error.kind], "param": error.param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What chat and completions requests share (OpenAI fields plus vLLM's extras)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    response_format: dict | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def _fail(message: str, param: str | None) -> OpenAIError:
+    return OpenAIError(InvalidRequest(message, param))
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _resolve_model(service: GenerationService, model: str) -> str | None:
+    try:
+        return service.resolve_adapter(model, "model")
+    except ServiceError as exc:
+        if exc.kind == "not_found":
+            exc.message = f"The model `{model}` does not exist."
+        raise OpenAIError(exc) from None
+
+
+def _params(service: GenerationService, body: SamplingFields, prompt_len: int, max_tokens: int | None,
+            max_param: str, logprobs: int | None, prompt_logprobs: int | None):
+    if not 1 <= body.n <= MAX_N:
+        raise _fail(f"n must be between 1 and {MAX_N}", "n")
+    try:
+        params = service.sampling_params(
+            max_tokens=service.max_new_tokens(prompt_len, max_tokens, max_param),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            seed=body.seed,
+            stop=_stops(body.stop),
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+        )
+    except ServiceError as exc:
+        raise OpenAIError(exc) from None
+    return params
+
+
+def _finish_reason(output: RequestOutput) -> str:
+    if output.finish_reason is FinishReason.STOP:
+        return "stop"
+    if output.finish_reason is FinishReason.ABORT:
+        return "abort"
+    return "length"  # max tokens, context length, or the repetition guard's cut
+
+
+def _stop_reason(output: RequestOutput) -> int | str | None:
+    if output.finish_reason is FinishReason.REPETITION:
+        return "repetition"
+    return output.stop_reason
+
+
+@dataclass
+class _Choice:
+    """One choice's outputs, accumulated."""
+
+    index: int
+    generation: Generation
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    last: RequestOutput | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self.text += output.new_text
+        self.token_ids += output.new_token_ids
+        self.logprobs += output.new_logprobs
+        self.prompt_logprobs += output.prompt_logprobs
+        self.last = output
+
+
+def _generations(service: GenerationService, prompts: list[list[int]], make_params, adapter: str | None,
+                 endpoint: str, n: int) -> list[Generation]:
+    """n choices per prompt; a seeded request gives choice j the seed + j (reproducible, distinct)."""
+    generations = []
+    for prompt in prompts:
+        params = make_params(len(prompt))
+        for j in range(n):
+            choice_params = params
+            if params.seed is not None and j:
+                choice_params = replace(params, seed=params.seed + j)
+            generations.append(Generation(prompt, choice_params, adapter, endpoint))
+    return generations
+
+
+async def _run_all(service: GenerationService, generations: list[Generation], request_id: str) -> list[_Choice]:
+    choices = [_Choice(i, g) for i, g in enumerate(generations)]
+
+    async def run(choice: _Choice) -> None:
+        async for output in service.stream(choice.generation, f"{request_id}-{choice.index}"):
+            choice.add(output)
+
+    try:
+        await asyncio.gather(*(run(c) for c in choices))
+    except ServiceError as exc:
+        raise OpenAIError(exc) from None
+    return choices
+
+
+async def _merged(service: GenerationService, generations: list[Generation],
+                  request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of all choices as they come, tagged with the choice index."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for output in service.stream(generation, f"{request_id}-{index}"):
+                await queue.put((index, output))
+        except ServiceError as exc:
+            await queue.put(exc)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, ServiceError):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()  # a client that went away aborts every choice
+
+
+def _usage(choices_prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": choices_prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": choices_prompt_tokens + completion_tokens,
+    }
+
+
+def _prompt_tokens(generations: list[Generation], n: int) -> int:
+    return sum(len(g.prompt_token_ids) for g in generations[::n])
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    messages = []
+    for i, message in enumerate(body.messages):
+        content = message.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") != "text":
+                    raise _fail(f"messages[{i}]: only text content parts are supported", "messages")
+                parts.append(part.get("text", ""))
+            content = "".join(parts)
+        messages.append({**message.model_dump(exclude_none=True), "role": message.role, "content": content or ""})
+    return messages
+
+
+def _chat_logprobs(service: GenerationService, logprobs: list[TokenLogprobs]) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = service.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]} for lp in logprobs
+        ]
+    }
+
+
+def _chat_generations(service: GenerationService, body: ChatCompletionRequest) -> list[Generation]:
+    if body.tools:
+        raise _fail("tools are not supported", "tools")
+    if body.response_format and body.response_format.get("type") not in (None, "text"):
+        raise _fail("response_format other than text is not supported", "response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise _fail("top_logprobs needs logprobs=true", "top_logprobs")
+    adapter = _resolve_model(service, body.model)
+    try:
+        text = service.chat_prompt(_chat_messages(body), body.add_generation_prompt, **(body.chat_template_kwargs or {}))
+        prompt = service.encode(text, add_special_tokens=False)
+        service.check_prompt(prompt, "messages")
+    except ServiceError as exc:
+        raise OpenAIError(exc) from None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return _generations(
+        service, [prompt],
+        lambda n: service.with_seed(_params(service, body, n, max_tokens, param, logprobs, None)),
+        adapter, "chat", body.n,
+    )
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, service: GenerationService = Depends(get_service)):
+    generations = _chat_generations(service, body)
+    request_id = current_request_id()
+    created = int(time.time())
+    response_id = f"chatcmpl-{request_id}"
+    model = body.model or service.served_model_name
+    if body.stream:
+        return sse_response(_chat_stream(service, body, generations, request_id, response_id, created, model))
+    choices = await _run_all(service, generations, request_id)
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(service, c.logprobs) if body.logprobs else None,
+                "finish_reason": _finish_reason(c.last),
+                "stop_reason": _stop_reason(c.last),
+            }
+            for c in choices
+        ],
+        "usage": _usage(_prompt_tokens(generations, body.n), sum(len(c.token_ids) for c in choices)),
+    }
+
+
+async def _chat_stream(service, body, generations, request_id, response_id, created, model) -> AsyncIterator[str]:
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        payload = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": choices}
+        if body.stream_options and body.stream_options.include_usage:
+            payload["usage"] = usage
+        return sse_event(payload)
+
+    for index in range(len(generations)):
+        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    completion_tokens = 0
+    try:
+        async for index, output in _merged(service, generations, request_id):
+            completion_tokens += len(output.new_token_ids)
+            if not output.new_text and not output.finished and not (body.logprobs and output.new_logprobs):
+                continue
+            yield chunk([{
+                "index": index,
+                "delta": {"content": output.new_text} if output.new_text else {},
+                "logprobs": _chat_logprobs(service, output.new_logprobs) if body.logprobs else None,
+                "finish_reason": _finish_reason(output) if output.finished else None,
+                **({"stop_reason": _stop_reason(output)} if output.finished else {}),
+            }])
+    except ServiceError as exc:
+        yield sse_event({"error": {"message": exc.message, "type": TYPES[exc.kind], "param": exc.param,
+                                   "code": STATUS[exc.kind]}})
+        yield sse_event("[DONE]")
+        return
+    if body.stream_options and body.stream_options.include_usage:
+        yield chunk([], _usage(_prompt_tokens(generations, body.n), completion_tokens))
+    yield sse_event("[DONE]")
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def _completion_prompts(service: GenerationService, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [service.encode(prompt)]
+    if not prompt:
+        raise _fail("prompt is empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [service.encode(p) for p in prompt]
+    if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+        return [list(p) for p in prompt]
+    raise _fail("prompt must be a string, a list of strings, or token ids", "prompt")
+
+
+def _completion_logprobs(service: GenerationService, entries: list[tuple[int, TokenLogprobs | None]],
+                         text_start: int = 0) -> dict:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    offset = text_start
+    for token_id, lp in entries:
+        text = service.token_text(token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        token_logprobs.append(None if lp is None else lp.logprob)
+        top.append(None if lp is None else {service.token_text(i): v for i, v in lp.top})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _completion_generations(service: GenerationService, body: CompletionRequest) -> list[Generation]:
+    if body.suffix:
+        raise _fail("suffix is not supported", "suffix")
+    if body.best_of not in (None, body.n):
+        raise _fail("best_of must equal n (or be omitted)", "best_of")
+    adapter = _resolve_model(service, body.model)
+    prompts = _completion_prompts(service, body.prompt)
+    vocab = len(service.tokenizer)
+    for prompt in prompts:
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise _fail(f"token ids must be in [0, {vocab})", "prompt")
+        try:
+            service.check_prompt(prompt, "prompt")
+        except ServiceError as exc:
+            raise OpenAIError(exc) from None
+    prompt_logprobs = body.logprobs if (body.echo and body.logprobs is not None) else None
+    return _generations(
+        service, prompts,
+        lambda n: service.with_seed(_params(service, body, n, body.max_tokens, "max_tokens", body.logprobs, prompt_logprobs)),
+        adapter, "completions", body.n,
+    )
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, service: GenerationService = Depends(get_service)):
+    generations = _completion_generations(service, body)
+    request_id = current_request_id()
+    created = int(time.time())
+    response_id = f"cmpl-{request_id}"
+    model = body.model or service.served_model_name
+    if body.stream:
+        return sse_response(_completion_stream(service, body, generations, request_id, response_id, created, model))
+    choices = await _run_all(service, generations, request_id)
+    out = []
+    for c in choices:
+        prompt_text = service.tokenizer.decode(c.generation.prompt_token_ids) if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            entries: list[tuple[int, TokenLogprobs | None]] = []
+            if body.echo:
+                ids = c.generation.prompt_token_ids
+                entries = [(ids[0], None)] + [(lp.token_id, lp) for lp in c.prompt_logprobs]
+            entries += [(lp.token_id, lp) for lp in c.logprobs]
+            logprobs = _completion_logprobs(service, entries)
+        out.append({
+            "index": c.index,
+            "text": prompt_text + c.text,
+            "logprobs": logprobs,
+            "finish_reason": _finish_reason(c.last),
+            "stop_reason": _stop_reason(c.last),
+        })
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": out,
+        "usage": _usage(_prompt_tokens(generations, body.n), sum(len(c.token_ids) for c in choices)),
+    }
+
+
+async def _completion_stream(service, body, generations, request_id, response_id, created, model) -> AsyncIterator[str]:
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        payload = {"id": response_id, "object": "text_completion", "created": created, "model": model,
+                   "choices": choices}
+        if body.stream_options and body.stream_options.include_usage:
+            payload["usage"] = usage
+        return sse_event(payload)
+
+    completion_tokens = 0
+    echoed: set[int] = set()
+    try:
+        async for index, output in _merged(service, generations, request_id):
+            completion_tokens += len(output.new_token_ids)
+            text = output.new_text
+            if body.echo and index not in echoed:
+                echoed.add(index)
+                text = service.tokenizer.decode(generations[index].prompt_token_ids) + text
+            if not text and not output.finished:
+                continue
+            logprobs = None
+            if body.logprobs is not None and output.new_logprobs:
+                logprobs = _completion_logprobs(service, [(lp.token_id, lp) for lp in output.new_logprobs])
+            yield chunk([{
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": _finish_reason(output) if output.finished else None,
+                **({"stop_reason": _stop_reason(output)} if output.finished else {}),
+            }])
+    except ServiceError as exc:
+        yield sse_event({"error": {"message": exc.message, "type": TYPES[exc.kind], "param": exc.param,
+                                   "code": STATUS[exc.kind]}})
+        yield sse_event("[DONE]")
+        return
+    if body.stream_options and body.stream_options.include_usage:
+        yield chunk([], _usage(_prompt_tokens(generations, body.n), completion_tokens))
+    yield sse_event("[DONE]")
+
+
+# --------------------------------------------------------------------------- models
+
+
+@router.get("/models")
+async def list_models(service: GenerationService = Depends(get_service)):
+    created = int(time.time())
+    base = service.served_model_name
+    data = [{
+        "id": base, "object": "model", "created": created, "owned_by": "loramux", "root": base,
+        "parent": None, "max_model_len": service.max_model_len,
+    }]
+    for info in service.parts.store.list():
+        data.append({
+            "id": info.adapter_id, "object": "model", "created": created, "owned_by": "loramux",
+            "root": info.adapter_id, "parent": base, "max_model_len": service.max_model_len,
+        })
+    return {"object": "list", "data": data}

@@ -1,0 +1,274 @@
+"""LoRAX/TGI-compatible API: /generate, /generate_stream, / (either), /info, /health.
+
+`lorax-client` and TGI clients work unmodified: non-streaming `POST /` returns a JSON array
+of one object, streams are `data:{json}` events without a [DONE] marker, and errors are
+`{"error": msg, "error_type": ...}` with LoRAX's status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from scheduler.output import TokenLogprobs
+from scheduler.request import FinishReason
+from server.api.auth import check_api_key
+from server.api.context import current_request_id, get_service
+from server.api.sse import sse_event, sse_response
+from server.outputs import RequestOutput
+from server.service import Generation, GenerationService, InvalidRequest, ServiceError
+
+router = APIRouter()
+
+STATUS = {"validation": 422, "not_found": 404, "overloaded": 429, "generation": 424, "internal": 500}
+
+
+class TgiError(Exception):
+    """A ServiceError on a TGI route, rendered as LoRAX renders errors."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def tgi_error_response(error: ServiceError) -> JSONResponse:
+    return JSONResponse({"error": error.message, "error_type": error.kind}, status_code=STATUS[error.kind])
+
+
+class TgiParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    adapter_id: str | None = None
+    adapter_source: str | None = None
+    merged_adapters: dict | None = None
+    api_token: str | None = None
+    best_of: int | None = None
+    decoder_input_details: bool = False
+    details: bool = False
+    do_sample: bool = False
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    ignore_eos_token: bool = False
+    max_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    return_full_text: bool | None = False
+    seed: int | None = Field(default=None, ge=0)
+    stop: list[str] | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    min_p: float | None = None
+    truncate: int | None = None
+    watermark: bool = False
+    response_format: dict | None = None
+    return_k_alternatives: int | None = None
+
+
+class TgiRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str
+    parameters: TgiParameters = Field(default_factory=TgiParameters)
+    stream: bool = False
+
+
+def _refuse_unsupported(p: TgiParameters) -> None:
+    if p.watermark:
+        raise InvalidRequest("watermark is not supported", "watermark")
+    if p.merged_adapters:
+        raise InvalidRequest("merged_adapters is not supported: name one adapter_id", "merged_adapters")
+    if p.response_format:
+        raise InvalidRequest("response_format (structured output) is not supported", "response_format")
+    if p.best_of not in (None, 1):
+        raise InvalidRequest("best_of > 1 is not supported", "best_of")
+    if p.adapter_source not in (None, "", "hub"):
+        raise InvalidRequest(
+            f"adapter_source {p.adapter_source!r} is not supported: adapters are served by id from "
+            "this server's registry (upload one with POST /v1/adapters)",
+            "adapter_source",
+        )
+
+
+def build_generation(service: GenerationService, body: TgiRequest) -> Generation:
+    p = body.parameters
+    _refuse_unsupported(p)
+    adapter = service.resolve_adapter(p.adapter_id)
+    prompt = service.encode(body.inputs)
+    if p.truncate is not None:
+        if p.truncate < 1:
+            raise InvalidRequest("truncate must be at least 1", "truncate")
+        prompt = prompt[-p.truncate :]
+    service.check_prompt(prompt, "inputs")
+    if p.temperature is not None and p.temperature < 0:
+        raise InvalidRequest("temperature must be >= 0", "temperature")
+    # TGI: any sampling knob turns sampling on; temperature 0 means greedy.
+    sample = p.do_sample or any(
+        (p.temperature not in (None, 1.0), p.top_k not in (None, 0), p.top_p not in (None, 1.0),
+         p.typical_p not in (None, 1.0), p.min_p not in (None, 0.0))
+    )
+    temperature = 0.0 if not sample or p.temperature == 0 else (p.temperature or 1.0)
+    k = p.return_k_alternatives
+    params = service.sampling_params(
+        max_tokens=service.max_new_tokens(len(prompt), p.max_new_tokens, "max_new_tokens"),
+        temperature=temperature,
+        top_p=p.top_p if p.top_p is not None else 1.0,
+        top_k=p.top_k or 0,
+        min_p=p.min_p or 0.0,
+        typical_p=p.typical_p if p.typical_p is not None else 1.0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+        presence_penalty=p.presence_penalty or 0.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        seed=p.seed,
+        stop=tuple(p.stop or ()),
+        ignore_eos=p.ignore_eos_token,
+        logprobs=k or 0,  # every token carries a numeric logprob
+        prompt_logprobs=(k or 0) if p.decoder_input_details else None,
+    )
+    return Generation(prompt, service.with_seed(params), adapter, "generate")
+
+
+def finish_reason(output: RequestOutput) -> str:
+    if output.finish_reason is FinishReason.STOP:
+        return "stop_sequence" if isinstance(output.stop_reason, str) else "eos_token"
+    return "length"  # max tokens, context length, or the repetition guard's cut
+
+
+def token_json(service: GenerationService, token_id: int, text: str, lp: TokenLogprobs | None, k: int | None) -> dict:
+    token = {
+        "id": token_id,
+        "text": text,
+        "logprob": lp.logprob if lp is not None else 0.0,
+        "special": service.is_special(token_id),
+        "skipped": False,
+    }
+    if k:
+        token["alternative_tokens"] = [
+            {"id": i, "text": service.token_text(i), "logprob": v} for i, v in (lp.top if lp else ())
+        ]
+    return token
+
+
+def prefill_json(service: GenerationService, generation: Generation, prompt_logprobs: list[TokenLogprobs]) -> list[dict]:
+    ids = generation.prompt_token_ids
+    first = [{"id": ids[0], "text": service.token_text(ids[0]), "logprob": None}]
+    return first + [
+        {"id": lp.token_id, "text": service.token_text(lp.token_id), "logprob": lp.logprob} for lp in prompt_logprobs
+    ]
+
+
+async def _generate(service: GenerationService, body: TgiRequest) -> dict:
+    generation = build_generation(service, body)
+    p = body.parameters
+    text, tokens, prompt_logprobs, last = "", [], [], None
+    async for output in service.stream(generation, current_request_id()):
+        text += output.new_text
+        prompt_logprobs += output.prompt_logprobs
+        for token_id, lp in zip(output.new_token_ids, output.new_logprobs or [None] * len(output.new_token_ids)):
+            tokens.append(token_json(service, token_id, output.new_text, lp, p.return_k_alternatives))
+        last = output
+    response: dict = {"generated_text": (body.inputs + text) if p.return_full_text else text}
+    if p.details or p.decoder_input_details:
+        response["details"] = {
+            "finish_reason": finish_reason(last),
+            "prompt_tokens": len(generation.prompt_token_ids),
+            "generated_tokens": last.num_output_tokens,
+            "skipped_tokens": 0,
+            "seed": generation.params.seed if not generation.params.greedy else None,
+            "prefill": prefill_json(service, generation, prompt_logprobs) if p.decoder_input_details else [],
+            "tokens": tokens,
+        }
+    return response
+
+
+async def _stream_events(service: GenerationService, body: TgiRequest, generation: Generation) -> AsyncIterator[str]:
+    text = ""
+    p = body.parameters
+    try:
+        async for output in service.stream(generation, current_request_id()):
+            text += output.new_text
+            if not output.new_token_ids:
+                continue
+            lp = output.new_logprobs[0] if output.new_logprobs else None
+            event = {
+                "token": token_json(service, output.new_token_ids[0], output.new_text, lp, p.return_k_alternatives),
+                "generated_text": None,
+                "details": None,
+            }
+            if output.finished:
+                event["generated_text"] = (body.inputs + text) if p.return_full_text else text
+                event["details"] = {
+                    "finish_reason": finish_reason(output),
+                    "prompt_tokens": len(generation.prompt_token_ids),
+                    "generated_tokens": output.num_output_tokens,
+                    "seed": generation.params.seed if not generation.params.greedy else None,
+                }
+            yield sse_event(event, space=False)
+    except ServiceError as exc:
+        yield sse_event({"error": exc.message, "error_type": exc.kind}, space=False)
+
+
+async def _stream(service: GenerationService, body: TgiRequest):
+    generation = build_generation(service, body)  # errors before the stream: a plain 4xx
+    return sse_response(_stream_events(service, body, generation))
+
+
+async def _run(body: TgiRequest, service: GenerationService, stream: bool):
+    try:
+        if stream:
+            return await _stream(service, body)
+        return await _generate(service, body)
+    except ServiceError as exc:
+        raise TgiError(exc) from None
+
+
+@router.post("/generate", dependencies=[Depends(check_api_key)])
+async def generate(body: TgiRequest, service: GenerationService = Depends(get_service)):
+    return await _run(body, service, stream=False)
+
+
+@router.post("/generate_stream", dependencies=[Depends(check_api_key)])
+async def generate_stream(body: TgiRequest, service: GenerationService = Depends(get_service)):
+    return await _run(body, service, stream=True)
+
+
+@router.post("/", dependencies=[Depends(check_api_key)])
+async def compat_generate(body: TgiRequest, service: GenerationService = Depends(get_service)):
+    """LoRAX's compat route: switches on `stream`; the non-streaming answer is a list of one."""
+    if body.stream:
+        return await _run(body, service, stream=True)
+    return [await _run(body, service, stream=False)]
+
+
+@router.get("/info")
+async def info(request: Request, service: GenerationService = Depends(get_service)):
+    config = service.config
+    return {
+        "model_id": service.served_model_name,
+        "model_sha": None,
+        "model_dtype": config.model.dtype,
+        "model_device_type": config.model.device,
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": config.server.max_concurrent_requests,
+        "max_best_of": 1,
+        "max_stop_sequences": 16,
+        "max_input_length": service.max_model_len - 1,
+        "max_total_tokens": service.max_model_len,
+        "max_batch_total_tokens": config.scheduling.max_num_batched_tokens,
+        "max_adapters": config.lora.max_loras,
+        "max_lora_rank": config.lora.max_lora_rank,
+        "adapter_source": "registry",
+        "version": request.app.version,
+        "sha": None,
+        "docker_label": None,
+    }
+
+
+@router.get("/health")
+async def health(service: GenerationService = Depends(get_service)):
+    if not service.engine.is_alive:
+        return JSONResponse({"error": "the engine is not running", "error_type": "unhealthy"}, status_code=503)
+    return {}

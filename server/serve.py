@@ -1,0 +1,161 @@
+"""`loramux serve`: parse the command line into a LoramuxConfig and run the HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from server.model_fetch import default_model_dir, fetch_default_model, is_complete, loramux_home
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'512M', '4G', '4GiB', '1048576' -> bytes (powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def _keys(values: list[str] | None, files: list[str] | None) -> tuple[str, ...]:
+    keys = list(values or [])
+    for file in files or []:
+        keys += [line.strip() for line in Path(file).read_text().splitlines() if line.strip()]
+    return tuple(dict.fromkeys(keys))
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="HF-format checkpoint directory (default: the fetched SmolLM2-135M-Instruct)")
+    g.add_argument("--served-model-name", help="the base model's id in the API (default: the directory name)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--lora-backend", default="auto", choices=["auto", "cpu", "torch", "triton"])
+    g.add_argument("--threads", type=int, help="torch threads for the engine")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("adapters")
+    g.add_argument("--adapter-dir", action="append", default=[], help="each subfolder is one adapter (repeatable)")
+    g.add_argument("--upload-dir", help="where uploaded adapters are kept (default: $LORAMUX_HOME/adapters)")
+    g.add_argument("--pin", action="append", default=[], help="keep this adapter on the device (repeatable)")
+    g.add_argument("--max-loras", type=int, default=8, help="device adapter slots")
+    g.add_argument("--max-lora-rank", type=int, default=64)
+    g.add_argument("--cpu-cache-bytes", type=parse_bytes, default=parse_bytes("4G"))
+    g.add_argument("--max-upload-bytes", type=parse_bytes, default=parse_bytes("1G"))
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--kv-cache-bytes", type=parse_bytes, default=parse_bytes("2G"))
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--long-prefill-token-threshold", type=int, default=512)
+    g.add_argument("--starvation-bound", type=float, default=10.0, help="seconds")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", action="append", help="require this bearer key (repeatable)")
+    g.add_argument("--api-key-file", action="append", help="one key per line")
+    g.add_argument("--admin-api-key", action="append", help="key for adapter management (repeatable)")
+    g.add_argument("--admin-api-key-file", action="append")
+    g.add_argument("--max-prompt-tokens", type=int)
+    g.add_argument("--max-new-tokens", type=int, help="cap on a request's max tokens")
+    g.add_argument("--default-max-new-tokens", type=int, default=256)
+    g.add_argument("--max-concurrent-requests", type=int, default=1024)
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def config_from_args(args: argparse.Namespace):
+    """-> LoramuxConfig (imports the heavy modules only when serving)."""
+    from adapter_store.config import AdapterStoreConfig
+    from server.config import (
+        CacheConfig,
+        LoramuxConfig,
+        LoraSlotsConfig,
+        ModelConfig,
+        SchedulingConfig,
+        ServerConfig,
+    )
+
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        model_dir = default_model_dir()
+        if not is_complete(model_dir):
+            fetch_default_model(model_dir)
+    upload_dir = Path(args.upload_dir) if args.upload_dir else loramux_home() / "adapters"
+    return LoramuxConfig(
+        model=ModelConfig(
+            model_dir=model_dir,
+            served_model_name=args.served_model_name or model_dir.name,
+            dtype=args.dtype,
+            device=args.device,
+            max_model_len=args.max_model_len,
+            lora_backend=args.lora_backend,
+            num_threads=args.threads,
+            seed=args.seed,
+        ),
+        lora=LoraSlotsConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank),
+        cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size),
+        scheduling=SchedulingConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
+            starvation_bound_s=args.starvation_bound,
+        ),
+        adapters=AdapterStoreConfig(
+            adapter_dirs=tuple(Path(d) for d in args.adapter_dir),
+            upload_root=upload_dir,
+            cpu_cache_bytes=args.cpu_cache_bytes,
+            max_upload_bytes=args.max_upload_bytes,
+            pinned=tuple(args.pin),
+        ),
+        server=ServerConfig(
+            host=args.host,
+            port=args.port,
+            api_keys=_keys(args.api_key, args.api_key_file),
+            admin_api_keys=_keys(args.admin_api_key, args.admin_api_key_file),
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_new_tokens=args.max_new_tokens,
+            default_max_new_tokens=args.default_max_new_tokens,
+            max_concurrent_requests=args.max_concurrent_requests,
+            log_level=args.log_level,
+        ),
+    )
+
+
+def configure_logging(level: str) -> None:
+    from server.api.context import RequestIdLogFilter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.addFilter(RequestIdLogFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.builder import build_engine
+    from server.metrics import ServerMetrics
+
+    configure_logging(args.log_level)
+    config = config_from_args(args)
+    metrics = ServerMetrics(config.lora.max_loras)
+    parts = build_engine(config, on_adapter_load=metrics.observe_adapter_load)
+    app = create_app(parts, metrics)
+    uvicorn.run(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        log_level=config.server.log_level,
+        access_log=False,  # our middleware logs each request with its id
+        log_config=None,
+    )
+    return 0
