@@ -20,6 +20,7 @@ from adapter_store.format import (
     read_adapter_config,
     resolve_targets,
 )
+from adapter_store.store import AdapterInfo, AdapterStatus, AdapterStore, AdapterStoreConfig
 
 __all__ = [
     "AdapterError",

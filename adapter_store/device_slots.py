@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from adapter_store.format import LoraAdapter
+import torch
+
+from adapter_store.format import BaseModelSpec, LoraAdapter
 from kernels.buffers import LoraModuleBuffers
 
 
@@ -32,3 +34,36 @@ def write_adapter_to_slot(
 def clear_slot(buffers: Mapping[tuple[int, str], LoraModuleBuffers], slot: int) -> None:
     for module_buffers in buffers.values():
         module_buffers.clear(slot)
+
+
+def check_buffers(
+    buffers: Mapping[tuple[int, str], LoraModuleBuffers],
+    spec: BaseModelSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[int, int]:
+    """(max_slots, max_rank) of the model's LoRA buffers, checked against the spec."""
+    if not buffers:
+        raise ValueError("the model has no LoRA buffers (max_lora_slots is 0)")
+    expected = set(spec.modules())
+    if set(buffers) != expected:
+        missing = sorted(expected - set(buffers))[:3]
+        extra = sorted(set(buffers) - expected)[:3]
+        raise ValueError(f"LoRA buffers do not match the spec: missing {missing}, extra {extra}")
+    first = next(iter(buffers.values()))
+    for (layer, module), b in buffers.items():
+        if (b.max_slots, b.max_rank) != (first.max_slots, first.max_rank):
+            raise ValueError(f"LoRA buffers of ({layer}, {module}) differ in slots or rank")
+        if (b.in_features, b.out_features) != spec.module_shapes[module]:
+            raise ValueError(
+                f"LoRA buffers of ({layer}, {module}) are {b.in_features} -> {b.out_features}, "
+                f"the spec says {spec.module_shapes[module]}"
+            )
+        if b.lora_a.dtype != dtype or b.lora_a.device.type != device.type:
+            raise ValueError(
+                f"LoRA buffers are {b.lora_a.dtype} on {b.lora_a.device}, "
+                f"the store serves {dtype} on {device}"
+            )
+    if first.max_slots < 1 or first.max_rank < 1:
+        raise ValueError("LoRA buffers need max_slots >= 1 and max_rank >= 1")
+    return first.max_slots, first.max_rank

@@ -70,3 +70,44 @@ class AdapterUnsupported(AdapterError):
         reason = f"unsupported feature: {feature}" + (f" ({detail})" if detail else "")
         super().__init__(adapter_id, path, reason)
         self.args = (adapter_id, self.path, feature, detail)
+
+
+class InvalidAdapterId(AdapterError):
+    """An adapter id outside the allowed character set or length (see adapter_store.ids).
+
+    `adapter_id` holds the offending value cut to 64 characters, so a message stays short.
+    """
+
+    def __init__(self, adapter_id: object, reason: str) -> None:
+        shown = adapter_id if isinstance(adapter_id, str) else repr(adapter_id)
+        if len(shown) > 64:
+            shown = shown[:64] + "..."
+        super().__init__(shown, None, reason)
+        self.args = (adapter_id, reason)
+
+    def __str__(self) -> str:
+        return f"invalid adapter id {self.adapter_id!r}: {self.reason}"
+
+
+class UploadTooLarge(AdapterTooLarge):
+    """An upload's files exceed the store's max_upload_bytes (rank, max_rank: None here)."""
+
+    def __init__(
+        self, adapter_id: str, path: str | PathLike[str] | None, num_bytes: int, max_bytes: int
+    ) -> None:
+        self.num_bytes = num_bytes
+        self.max_bytes = max_bytes
+        self.rank = self.max_rank = None  # type: ignore[assignment]
+        self.module = None
+        AdapterError.__init__(
+            self, adapter_id, path, f"upload is {num_bytes} bytes, more than the limit {max_bytes}"
+        )
+        self.args = (adapter_id, self.path, num_bytes, max_bytes)
+
+
+class UploadsDisabled(AdapterError):
+    """An upload was attempted on a store without an upload_root."""
+
+
+class PinLimitExceeded(AdapterError):
+    """A permanent pin would leave no device slot for the other adapters."""

@@ -1,0 +1,63 @@
+"""The CPU tier: validated adapters in the serving dtype, kept in RAM within a byte budget.
+
+It is a cache in front of the disk: the device tier does not depend on it (a device slot
+holds its own copy), so anything here may be evicted at any time. Keys are
+(adapter_id, version), so a replaced adapter's old weights are never served for the new one.
+Not thread-safe on its own: the store calls it under its lock.
+"""
+
+from __future__ import annotations
+
+from adapter_store.eviction import EvictionPolicy
+from adapter_store.format import LoraAdapter
+
+CacheKey = tuple[str, int]  # (adapter_id, version)
+
+
+class CpuCache:
+    def __init__(self, budget_bytes: int, policy: EvictionPolicy[CacheKey]) -> None:
+        self.budget_bytes = budget_bytes
+        self._policy = policy
+        self._adapters: dict[CacheKey, LoraAdapter] = {}
+        self.num_bytes = 0  # sum of num_bytes over cached adapters; always <= budget_bytes
+        self.num_evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __contains__(self, key: CacheKey) -> bool:
+        return key in self._adapters
+
+    def get(self, key: CacheKey) -> LoraAdapter | None:
+        """The cached adapter (now the most recently used), or None."""
+        adapter = self._adapters.get(key)
+        if adapter is not None:
+            self._policy.record_use(key)
+        return adapter
+
+    def put(self, key: CacheKey, adapter: LoraAdapter) -> list[CacheKey]:
+        """Cache `adapter`, evicting by policy until it fits; returns the evicted keys.
+
+        An adapter larger than the whole budget is not cached (and nothing is evicted).
+        """
+        if adapter.num_bytes > self.budget_bytes:
+            return []
+        self.discard(key)
+        evicted: list[CacheKey] = []
+        while self.num_bytes + adapter.num_bytes > self.budget_bytes:
+            victim = next(self._policy.victims())
+            self.discard(victim)
+            evicted.append(victim)
+        self._adapters[key] = adapter
+        self.num_bytes += adapter.num_bytes
+        self._policy.record_use(key)
+        self.num_evictions += len(evicted)
+        return evicted
+
+    def discard(self, key: CacheKey) -> bool:
+        adapter = self._adapters.pop(key, None)
+        if adapter is None:
+            return False
+        self.num_bytes -= adapter.num_bytes
+        self._policy.forget(key)
+        return True

@@ -1,0 +1,47 @@
+"""What the store writes into a slot is exactly what format.load_adapter read (in the
+serving dtype), laid out as the kernels read it; a reused slot keeps nothing of before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapter_store.format import load_adapter
+from tests.adapter_store.store_fixtures import (
+    MAX_RANK,
+    FakeClock,
+    assert_slot_holds,
+    make_store,
+)
+
+# transformers 5 deprecation noise from inside peft, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_writes_match_load_adapter(tmp_path, make_adapter, spec, dtype):
+    """Adapters made by peft itself, with mixed ranks and partial targets."""
+    make_adapter(
+        "mixed",
+        seed=1,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "down_proj"],
+        rank_pattern={"k_proj": 2, "layers.1.mlp.down_proj": 8},
+    )
+    make_adapter("mlp", seed=2, r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear")
+    clock = FakeClock()
+    store = make_store(
+        tmp_path, max_slots=1, dtype=dtype, spec=spec, clock=clock, fresh_grace_s=0.0
+    )
+    store.start(run_loader=False)
+    for name in ["mixed", "mlp", "mixed"]:  # one slot, reused: nothing of before may stay
+        store.prefetch(name)
+        store.drain()
+        slot = store.pin(name)
+        assert slot == 0
+        expected = load_adapter(name, tmp_path / name, spec, MAX_RANK, dtype)
+        assert_slot_holds(store, slot, expected)
+        assert store.info(name).num_bytes == expected.num_bytes
+        assert store.info(name).rank == expected.max_rank
+        store.unpin(slot)
