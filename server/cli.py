@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start the HTTP server (default: the default model on 127.0.0.1:8000)")
     add_serve_arguments(serve)
     serve.set_defaults(handler=_serve)
+
+    from clients.cli import add_client_commands  # httpx only: these commands never load torch
+
+    add_client_commands(commands)
     return parser
 
 
