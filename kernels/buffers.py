@@ -59,9 +59,14 @@ class LoraModuleBuffers:
         a = self.lora_a[slot]  # [max_rank, in]
         b = self.lora_b[slot]  # [max_rank, out]
         a[:rank].copy_(lora_a)
-        b[:rank].copy_(lora_b.t() * scaling)
-        a[rank:].zero_()
-        b[rank:].zero_()
+        if lora_b.device == b.device and lora_b.dtype == b.dtype:
+            torch.mul(lora_b.t(), scaling, out=b[:rank])  # one pass, no temporary
+        else:
+            b[:rank].copy_(lora_b.t() * scaling)
+        previous = self.ranks_host[slot]
+        if previous > rank:  # rows past the previous rank are zero already
+            a[rank:previous].zero_()
+            b[rank:previous].zero_()
         self.ranks[slot] = rank
         self.ranks_host[slot] = rank
 
