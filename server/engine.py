@@ -53,7 +53,9 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.step_listeners: list[Callable[[EngineCore, list[RequestOutput]], None]] = []
+        # Called on the engine thread after each step, or after aborts that empty the engine
+        # without one: (core, outputs, stepped).
+        self.step_listeners: list[Callable[[EngineCore, list[RequestOutput], bool], None]] = []
         self.dead_error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -121,10 +123,12 @@ class AsyncEngine:
         try:
             while not self._stopping.is_set():
                 outputs = self._drain_commands()
-                if self.core.has_unfinished_requests():
+                stepped = self.core.has_unfinished_requests()
+                if stepped:
                     outputs += self.core.step()
+                if stepped or outputs:  # aborts that empty the engine take no step
                     for listener in self.step_listeners:
-                        listener(self.core, outputs)
+                        listener(self.core, outputs, stepped)
                 if outputs:
                     self._deliver(outputs)
                 elif not self._stopping.is_set():

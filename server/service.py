@@ -6,6 +6,7 @@ a `ServiceError`; everything they have in common lives here.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -71,6 +72,7 @@ class GenerationService:
         self.max_model_len = parts.core.max_model_len
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
         self._in_flight = 0
+        self._engine_ids = itertools.count()  # engine ids stay unique when a client reuses X-Request-Id
 
     # ------------------------------------------------------------------ inputs
 
@@ -155,7 +157,8 @@ class GenerationService:
 
     async def stream(self, generation: Generation, request_id: str) -> AsyncIterator[RequestOutput]:
         """Run one request; raises ServiceError before the first output, or GenerationFailed
-        for a request the engine ended with an error."""
+        for a request the engine ended with an error. `request_id` (the client's, maybe
+        reused) gets a unique suffix in the engine."""
         if self._in_flight >= self.config.server.max_concurrent_requests:
             self.metrics.start_request(generation.endpoint, generation.adapter_id).finish("overloaded")
             raise Overloaded(
@@ -167,7 +170,10 @@ class GenerationService:
         outcome, generated = "abort", 0
         try:
             stream = self.engine.generate(
-                request_id, generation.prompt_token_ids, generation.params, generation.adapter_id
+                f"{request_id}.{next(self._engine_ids)}",
+                generation.prompt_token_ids,
+                generation.params,
+                generation.adapter_id,
             )
             async for output in stream:
                 timer.tokens(len(output.new_token_ids))

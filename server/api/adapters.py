@@ -82,10 +82,11 @@ def _error(exc: Exception):
     raise exc
 
 
-async def _read_upload(file: UploadFile, budget: int) -> bytes:
+async def _read_upload(file: UploadFile, budget: int, max_bytes: int) -> bytes:
+    """Read at most what is left of the budget; the message names the configured limit."""
     data = await file.read(budget + 1)
     if len(data) > budget:
-        raise UploadRejected(f"the upload exceeds the limit of {budget} bytes", "file", status=413)
+        raise UploadRejected(f"the upload exceeds the limit of {max_bytes} bytes", "file", status=413)
     return data
 
 
@@ -97,7 +98,7 @@ async def _upload_files(request: Request, max_bytes: int) -> tuple[str, bytes, b
     adapter_id = form.get("adapter_id") or form.get("id")
     if not isinstance(adapter_id, str) or not adapter_id:
         raise UploadRejected("the form needs an `adapter_id` field", "adapter_id", status=400)
-    files = [value for value in form.values() if isinstance(value, UploadFile)]
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]  # values(): one per key
     if not files:
         raise UploadRejected(
             f"attach {CONFIG_NAME} and {WEIGHTS_NAME}, or one .zip/.tar(.gz) holding them", "file", status=400
@@ -106,7 +107,7 @@ async def _upload_files(request: Request, max_bytes: int) -> tuple[str, bytes, b
     budget = max_bytes
     for file in files:
         name = Path(file.filename or "").name
-        data = await _read_upload(file, budget)
+        data = await _read_upload(file, budget, max_bytes)
         budget -= len(data)
         if name.endswith(ARCHIVE_SUFFIXES) and len(files) == 1:
             try:

@@ -15,6 +15,7 @@ from server.api import adapters, openai, tgi
 from server.api.auth import AuthError
 from server.api.context import (
     REQUEST_ID_HEADER,
+    ClientDisconnected,
     new_request_id,
     reset_request_id,
     set_request_id,
@@ -36,17 +37,19 @@ def _is_openai_path(path: str) -> bool:
 
 def create_app(parts: EngineParts, metrics: ServerMetrics) -> FastAPI:
     engine = AsyncEngine(parts.core, parts.config.model.num_threads)
-    engine.step_listeners.append(
-        lambda core, _outputs: metrics.observe_step(
-            core.last_step.num_scheduled_requests,
-            core.last_step.num_scheduled_tokens,
-            core.last_step.num_running,
-            core.last_step.num_waiting,
-            core.last_step.kv_cache_usage,
-            core.scheduler.running_adapter_ids,
-            core.scheduler.waiting_adapter_ids,
+    def observe(core, _outputs, stepped: bool) -> None:
+        scheduler = core.scheduler
+        metrics.observe_step(
+            core.last_step.num_scheduled_requests if stepped else 0,
+            core.last_step.num_scheduled_tokens if stepped else 0,
+            scheduler.num_running,
+            scheduler.num_waiting,
+            scheduler.kv_cache_usage,
+            scheduler.running_adapter_ids,
+            scheduler.waiting_adapter_ids,
         )
-    )
+
+    engine.step_listeners.append(observe)
     metrics.watch_store(parts.store.stats)
 
     @asynccontextmanager
@@ -97,6 +100,10 @@ def create_app(parts: EngineParts, metrics: ServerMetrics) -> FastAPI:
         else:
             body = {"error": exc.message, "error_type": "authentication"}
         return JSONResponse(body, status_code=exc.status, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_client_disconnected(request: Request, exc: ClientDisconnected):
+        return Response(status_code=499)  # nginx's "client closed request": logged, never read
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import uuid
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import Request
 
 from server.service import GenerationService
 
+T = TypeVar("T")
 REQUEST_ID_HEADER = "X-Request-Id"
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -40,3 +44,30 @@ class RequestIdLogFilter(logging.Filter):
 
 def get_service(request: Request) -> GenerationService:
     return request.app.state.service
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before a non-streaming answer was ready."""
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (which aborts its engine requests) when the client goes
+    away first, as vLLM's `with_cancellation` does. Streams need none of this: Starlette
+    cancels a streaming response whose client disconnected."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.create_task(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnected("the client disconnected")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # let its streams abort

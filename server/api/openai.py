@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.output import TokenLogprobs
 from scheduler.request import FinishReason
 from server.api.auth import check_api_key
-from server.api.context import current_request_id, get_service
+from server.api.context import cancel_on_disconnect, current_request_id, get_service
 from server.api.sse import sse_event, sse_response
 from server.outputs import RequestOutput
 from server.service import Generation, GenerationService, InvalidRequest, ServiceError
@@ -322,7 +322,8 @@ def _chat_generations(service: GenerationService, body: ChatCompletionRequest) -
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, service: GenerationService = Depends(get_service)):
+async def chat_completions(request: Request, body: ChatCompletionRequest,
+                           service: GenerationService = Depends(get_service)):
     generations = _chat_generations(service, body)
     request_id = current_request_id()
     created = int(time.time())
@@ -330,7 +331,7 @@ async def chat_completions(body: ChatCompletionRequest, service: GenerationServi
     model = body.model or service.served_model_name
     if body.stream:
         return sse_response(_chat_stream(service, body, generations, request_id, response_id, created, model))
-    choices = await _run_all(service, generations, request_id)
+    choices = await cancel_on_disconnect(request, _run_all(service, generations, request_id))
     return {
         "id": response_id,
         "object": "chat.completion",
@@ -439,7 +440,8 @@ def _completion_generations(service: GenerationService, body: CompletionRequest)
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, service: GenerationService = Depends(get_service)):
+async def completions(request: Request, body: CompletionRequest,
+                      service: GenerationService = Depends(get_service)):
     generations = _completion_generations(service, body)
     request_id = current_request_id()
     created = int(time.time())
@@ -447,7 +449,7 @@ async def completions(body: CompletionRequest, service: GenerationService = Depe
     model = body.model or service.served_model_name
     if body.stream:
         return sse_response(_completion_stream(service, body, generations, request_id, response_id, created, model))
-    choices = await _run_all(service, generations, request_id)
+    choices = await cancel_on_disconnect(request, _run_all(service, generations, request_id))
     out = []
     for c in choices:
         prompt_text = service.tokenizer.decode(c.generation.prompt_token_ids) if body.echo else ""

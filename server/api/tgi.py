@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scheduler.output import TokenLogprobs
 from scheduler.request import FinishReason
 from server.api.auth import check_api_key
-from server.api.context import current_request_id, get_service
+from server.api.context import cancel_on_disconnect, current_request_id, get_service
 from server.api.sse import sse_event, sse_response
 from server.outputs import RequestOutput
 from server.service import Generation, GenerationService, InvalidRequest, ServiceError
@@ -216,31 +216,31 @@ async def _stream(service: GenerationService, body: TgiRequest):
     return sse_response(_stream_events(service, body, generation))
 
 
-async def _run(body: TgiRequest, service: GenerationService, stream: bool):
+async def _run(request: Request, body: TgiRequest, service: GenerationService, stream: bool):
     try:
         if stream:
             return await _stream(service, body)
-        return await _generate(service, body)
+        return await cancel_on_disconnect(request, _generate(service, body))
     except ServiceError as exc:
         raise TgiError(exc) from None
 
 
 @router.post("/generate", dependencies=[Depends(check_api_key)])
-async def generate(body: TgiRequest, service: GenerationService = Depends(get_service)):
-    return await _run(body, service, stream=False)
+async def generate(request: Request, body: TgiRequest, service: GenerationService = Depends(get_service)):
+    return await _run(request, body, service, stream=False)
 
 
 @router.post("/generate_stream", dependencies=[Depends(check_api_key)])
-async def generate_stream(body: TgiRequest, service: GenerationService = Depends(get_service)):
-    return await _run(body, service, stream=True)
+async def generate_stream(request: Request, body: TgiRequest, service: GenerationService = Depends(get_service)):
+    return await _run(request, body, service, stream=True)
 
 
 @router.post("/", dependencies=[Depends(check_api_key)])
-async def compat_generate(body: TgiRequest, service: GenerationService = Depends(get_service)):
+async def compat_generate(request: Request, body: TgiRequest, service: GenerationService = Depends(get_service)):
     """LoRAX's compat route: switches on `stream`; the non-streaming answer is a list of one."""
     if body.stream:
-        return await _run(body, service, stream=True)
-    return [await _run(body, service, stream=False)]
+        return await _run(request, body, service, stream=True)
+    return [await _run(request, body, service, stream=False)]
 
 
 @router.get("/info")
