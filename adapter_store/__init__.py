@@ -24,8 +24,12 @@ from adapter_store.store import AdapterInfo, AdapterStatus, AdapterStore, Adapte
 
 __all__ = [
     "AdapterError",
+    "AdapterInfo",
     "AdapterInvalid",
     "AdapterNotFound",
+    "AdapterStatus",
+    "AdapterStore",
+    "AdapterStoreConfig",
     "AdapterTooLarge",
     "AdapterUnsupported",
     "BaseModelSpec",

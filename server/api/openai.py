@@ -352,36 +352,55 @@ async def chat_completions(request: Request, body: ChatCompletionRequest,
 
 
 async def _chat_stream(service, body, generations, request_id, response_id, created, model) -> AsyncIterator[str]:
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        payload = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": choices}
-        if body.stream_options and body.stream_options.include_usage:
-            payload["usage"] = usage
-        return sse_event(payload)
-
-    for index in range(len(generations)):
-        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
-    completion_tokens = 0
-    try:
+    async def choices(counter: list[int]) -> AsyncIterator[dict]:
+        for index in range(len(generations)):
+            yield {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                   "finish_reason": None}
         async for index, output in _merged(service, generations, request_id):
-            completion_tokens += len(output.new_token_ids)
+            counter[0] += len(output.new_token_ids)
             if not output.new_text and not output.finished and not (body.logprobs and output.new_logprobs):
                 continue
-            yield chunk([{
+            yield {
                 "index": index,
                 "delta": {"content": output.new_text} if output.new_text else {},
                 "logprobs": _chat_logprobs(service, output.new_logprobs) if body.logprobs else None,
-                "finish_reason": _finish_reason(output) if output.finished else None,
-                **({"stop_reason": _stop_reason(output)} if output.finished else {}),
-            }])
+                **_finish_fields(output),
+            }
+
+    header = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    async for event in _sse_chunks(body, header, generations, choices):
+        yield event
+
+
+def _finish_fields(output: RequestOutput) -> dict:
+    if not output.finished:
+        return {"finish_reason": None}
+    return {"finish_reason": _finish_reason(output), "stop_reason": _stop_reason(output)}
+
+
+async def _sse_chunks(body: SamplingFields, header: dict, generations: list[Generation], choices) -> AsyncIterator[str]:
+    """The OpenAI stream framing: one chunk per choice event, an error event if the run
+    fails, a usage chunk when asked for, then [DONE]. `choices(counter)` yields choice
+    dicts and adds the tokens it sees to counter[0]."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
+        payload = {**header, "choices": choice_list}
+        if include_usage:
+            payload["usage"] = usage
+        return sse_event(payload)
+
+    counter = [0]
+    try:
+        async for choice in choices(counter):
+            yield chunk([choice])
     except ServiceError as exc:
         yield sse_event({"error": {"message": exc.message, "type": TYPES[exc.kind], "param": exc.param,
                                    "code": STATUS[exc.kind]}})
         yield sse_event("[DONE]")
         return
-    if body.stream_options and body.stream_options.include_usage:
-        yield chunk([], _usage(_prompt_tokens(generations, body.n), completion_tokens))
+    if include_usage:
+        yield chunk([], _usage(_prompt_tokens(generations, body.n), counter[0]))
     yield sse_event("[DONE]")
 
 
@@ -479,18 +498,10 @@ async def completions(request: Request, body: CompletionRequest,
 
 
 async def _completion_stream(service, body, generations, request_id, response_id, created, model) -> AsyncIterator[str]:
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        payload = {"id": response_id, "object": "text_completion", "created": created, "model": model,
-                   "choices": choices}
-        if body.stream_options and body.stream_options.include_usage:
-            payload["usage"] = usage
-        return sse_event(payload)
-
-    completion_tokens = 0
-    echoed: set[int] = set()
-    try:
+    async def choices(counter: list[int]) -> AsyncIterator[dict]:
+        echoed: set[int] = set()
         async for index, output in _merged(service, generations, request_id):
-            completion_tokens += len(output.new_token_ids)
+            counter[0] += len(output.new_token_ids)
             text = output.new_text
             if body.echo and index not in echoed:
                 echoed.add(index)
@@ -500,21 +511,11 @@ async def _completion_stream(service, body, generations, request_id, response_id
             logprobs = None
             if body.logprobs is not None and output.new_logprobs:
                 logprobs = _completion_logprobs(service, [(lp.token_id, lp) for lp in output.new_logprobs])
-            yield chunk([{
-                "index": index,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": _finish_reason(output) if output.finished else None,
-                **({"stop_reason": _stop_reason(output)} if output.finished else {}),
-            }])
-    except ServiceError as exc:
-        yield sse_event({"error": {"message": exc.message, "type": TYPES[exc.kind], "param": exc.param,
-                                   "code": STATUS[exc.kind]}})
-        yield sse_event("[DONE]")
-        return
-    if body.stream_options and body.stream_options.include_usage:
-        yield chunk([], _usage(_prompt_tokens(generations, body.n), completion_tokens))
-    yield sse_event("[DONE]")
+            yield {"index": index, "text": text, "logprobs": logprobs, **_finish_fields(output)}
+
+    header = {"id": response_id, "object": "text_completion", "created": created, "model": model}
+    async for event in _sse_chunks(body, header, generations, choices):
+        yield event
 
 
 # --------------------------------------------------------------------------- models

@@ -1,0 +1,107 @@
+"""bench-engine: multi-adapter batches against base-only, and against transformers + peft.
+
+16 chat prompts of about 70 tokens, exactly 64 new tokens each, greedy, fp32, 2 torch
+threads; median of 3 runs after a warm-up, all three measured in this one run:
+  (a) our engine, base model only;
+  (b) our engine, 16 requests over 8 adapters (ranks 8/16/32, all-linear);
+  (c) transformers + peft, the same 8-adapter batch through generate(adapter_names=...).
+Last line: `bench-engine: base=A mixed8=B hf_peft_mixed8=C tok/s`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.common import bench_engine_parts, chat_prompts, make_bench_adapters, median_min_max, timed, write_result
+from scheduler.sampling_params import SamplingParams
+from server.model_fetch import default_model_dir
+from server.offline import OfflineEngine, OfflineRequest
+
+NUM_REQUESTS, NEW_TOKENS, RUNS = 16, 64, 3
+RANKS = (8, 16, 32, 8, 16, 32, 8, 16)
+
+
+def run_ours(engine: OfflineEngine, prompts, adapters) -> float:
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    requests = [OfflineRequest(p, params, a) for p, a in zip(prompts, adapters)]
+    seconds, results = timed(lambda: engine.generate(requests))
+    assert all(len(r.token_ids) == NEW_TOKENS for r in results), "a request stopped early"
+    return NUM_REQUESTS * NEW_TOKENS / seconds
+
+
+def run_hf_peft(peft_model, tokenizer, prompts, adapters) -> float:
+    # Left padding: every row's last prompt token sits at the end, as generate() needs.
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def generate():
+        with torch.no_grad():
+            return peft_model.generate(
+                input_ids=input_ids, attention_mask=mask, adapter_names=adapters,
+                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad,
+            )
+
+    seconds, out = timed(generate)
+    assert out.shape[1] == width + NEW_TOKENS
+    return NUM_REQUESTS * NEW_TOKENS / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=default_model_dir())
+    parser.add_argument("--skip-hf", action="store_true", help="skip (c), the slow reference")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    prompts = chat_prompts(tokenizer, NUM_REQUESTS, 70)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = Path(tmp) / "adapters"
+        names = make_bench_adapters(args.model_dir, adapter_dir, "bench", RANKS, seed=100)
+        parts = bench_engine_parts(args.model_dir, adapter_dir, max_loras=8, max_lora_rank=32)
+        engine = OfflineEngine(parts.core)
+        base = [None] * NUM_REQUESTS
+        mixed = [names[i % len(names)] for i in range(NUM_REQUESTS)]
+        run_ours(engine, prompts, mixed)  # warm-up: loads the 8 adapters, builds the kernel
+        run_ours(engine, prompts, base)
+        ours = {"base": [], "mixed8": []}
+        for run in range(RUNS):  # interleaved, so drift hits both alike
+            ours["base"].append(run_ours(engine, prompts, base))
+            ours["mixed8"].append(run_ours(engine, prompts, mixed))
+            print(f"  run {run + 1}: base={ours['base'][-1]:.1f} mixed8={ours['mixed8'][-1]:.1f} tok/s", flush=True)
+        parts.close()
+        result = {name: median_min_max(values) for name, values in ours.items()}
+        hf = {"median": float("nan")}
+        if not args.skip_hf:
+            hf_model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+            peft_model = PeftModel.from_pretrained(hf_model, adapter_dir / names[0], adapter_name=names[0])
+            for name in names[1:]:
+                peft_model.load_adapter(adapter_dir / name, adapter_name=name)
+            peft_model.eval()
+            run_hf_peft(peft_model, tokenizer, prompts, mixed)  # warm-up
+            runs = []
+            for run in range(RUNS):
+                runs.append(run_hf_peft(peft_model, tokenizer, prompts, mixed))
+                print(f"  run {run + 1}: hf_peft_mixed8={runs[-1]:.1f} tok/s", flush=True)
+            hf = median_min_max(runs)
+        result["hf_peft_mixed8"] = hf
+    a, b, c = result["base"]["median"], result["mixed8"]["median"], hf["median"]
+    result["mixed8_over_base"] = b / a
+    result["mixed8_over_hf_peft"] = b / c if c == c else None
+    result["prompt_tokens"] = [len(p) for p in prompts]
+    path = write_result("bench_engine", result)
+    print(f"  mixed8/base = {b / a:.3f} (target >= 0.85); mixed8/hf_peft = {b / c:.2f}x (target >= 3); {path}")
+    print(f"bench-engine: base={a:.1f} mixed8={b:.1f} hf_peft_mixed8={c:.1f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
