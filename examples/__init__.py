@@ -1,0 +1,1 @@
+"""Demo adapters for the default model: training (train_demo_adapters), checking (demo_check)."""
