@@ -8,7 +8,7 @@ export LORAMUX_HOME ?= $(HOME)/.cache/loramux
 MODEL_DIR := $(LORAMUX_HOME)/models/smollm2-135m-instruct
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install model serve test test-slow test-kernels golden bench-engine clean
+.PHONY: install model serve test test-slow test-kernels golden bench-engine bench-continuous bench-adapters bench-serve clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,20 @@ $(MODEL_DIR)/.loramux-complete: | $(BIN)/.installed
 
 model: $(MODEL_DIR)/.loramux-complete
 
-# Serves the default model (and the demo adapters once they ship) on 127.0.0.1:8000.
+# Serves the default model and the demo adapters (examples/adapters) on 127.0.0.1:8000;
+# SERVE_ARGS adds flags, e.g. make serve SERVE_ARGS="--port 9000".
 SERVE_ARGS ?=
 serve: install model
-	$(BIN)/loramux serve $(SERVE_ARGS)
+	$(BIN)/loramux serve --adapter-dir examples/adapters $(SERVE_ARGS)
+
+# Retrains examples/adapters/{pirate,french,json,short} and examples/data/ on the CPU
+# (about 25 minutes on 2 cores); demo-check asks them 20 held-out questions through a server.
+.PHONY: demo-adapters demo-check
+demo-adapters: install model
+	$(BIN)/python -m examples.train_demo_adapters
+
+demo-check: install model
+	$(BIN)/python -m examples.demo_check
 
 # The default suite: everything but the suites marked slow.
 test: install model
@@ -46,7 +56,16 @@ golden: install model
 	$(BIN)/python -m tests.golden.run_golden
 
 bench-engine: install model
-	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python -m bench.bench_engine
+
+bench-continuous: install model
+	$(BIN)/python -m bench.bench_continuous
+
+bench-adapters: install model
+	$(BIN)/python -m bench.bench_adapters
+
+bench-serve: install model
+	$(BIN)/python -m bench.bench_serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

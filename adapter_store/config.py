@@ -36,6 +36,11 @@ class AdapterStoreConfig:
     # A freshly loaded adapter is not evicted before its first pin or this many seconds, so
     # the scheduler can pin it (see scheduler/residency.py).
     fresh_grace_s: float = 5.0
+    # A queued load asked for by prefetch is dropped when the prefetch was not repeated for
+    # this many seconds: the scheduler repeats it every step while a request still waits for
+    # the adapter, so the loader serves what is wanted now (a head-of-line request's adapter)
+    # before stale asks (see scheduler/residency.py). Loads for pins for good never expire.
+    prefetch_ttl_s: float = 2.0
     # Load latencies kept for stats() (the newest ones); the on_load hook sees every load.
     latency_samples: int = 1024
 
@@ -53,6 +58,10 @@ class AdapterStoreConfig:
         _check(
             self.fresh_grace_s >= 0 and not math.isnan(self.fresh_grace_s),
             "fresh_grace_s must be >= 0",
+        )
+        _check(
+            self.prefetch_ttl_s > 0 and not math.isnan(self.prefetch_ttl_s),
+            "prefetch_ttl_s must be > 0",
         )
         _check(self.latency_samples >= 0, "latency_samples must be >= 0")
 

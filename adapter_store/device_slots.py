@@ -3,6 +3,10 @@
 The buffers (kernels/buffers.py) hold every adapted projection of every layer; a slot is
 one adapter's place in all of them at once. Projections the adapter does not adapt are
 cleared in that slot, so a slot never keeps a previous occupant's weights.
+
+A projection the adapter adapts in every layer with one rank (LoraAdapter.stacks) whose
+buffers are one LoraModuleStack is written for all layers at once: two large copies
+instead of two small ones per layer, which is most of the time of a CPU -> device load.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from adapter_store.format import BaseModelSpec, LoraAdapter
-from kernels.buffers import LoraModuleBuffers
+from kernels.buffers import LoraModuleBuffers, LoraModuleStack
 
 
 def write_adapter_to_slot(
@@ -23,12 +27,33 @@ def write_adapter_to_slot(
     unknown = set(adapter.modules) - set(buffers)
     if unknown:
         raise ValueError(f"adapter {adapter.adapter_id!r} adapts modules the model lacks: {sorted(unknown)[:3]}")
+    stacked = set()
+    for module, weights in adapter.stacks.items():
+        stack = _stack_of(buffers, module, len(weights.scalings))
+        if stack is not None:
+            stack.write(slot, weights.lora_a, weights.lora_b, weights.scalings)
+            stacked.add(module)
     for key, module_buffers in buffers.items():
+        if key[1] in stacked:
+            continue
         weights = adapter.modules.get(key)
         if weights is None:
             module_buffers.clear(slot)
         else:
             module_buffers.write(slot, weights.lora_a, weights.lora_b, weights.scaling)
+
+
+def _stack_of(
+    buffers: Mapping[tuple[int, str], LoraModuleBuffers], module: str, num_layers: int
+) -> LoraModuleStack | None:
+    """The LoraModuleStack whose layers are exactly `module`'s buffers of layers 0.., or None."""
+    first = buffers.get((0, module))
+    stack = first.stack if first is not None else None
+    if stack is None or len(stack.layers) != num_layers:
+        return None
+    if any(buffers.get((layer, module)) is not b for layer, b in enumerate(stack.layers)):
+        return None
+    return stack
 
 
 def clear_slot(buffers: Mapping[tuple[int, str], LoraModuleBuffers], slot: int) -> None:

@@ -28,7 +28,7 @@ import math
 import re
 import reprlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -219,6 +219,16 @@ class LoraModuleWeights:
 
 
 @dataclass(frozen=True, eq=False)
+class StackedModuleWeights:
+    """One projection adapted in every layer with one rank, all layers in one tensor per
+    factor. Semantics per layer i: y += scalings[i] * (x @ lora_a[i].T) @ lora_b[i].T"""
+
+    lora_a: torch.Tensor  # [num_layers, rank, in_features]
+    lora_b: torch.Tensor  # [num_layers, out_features, rank]
+    scalings: tuple[float, ...]  # [num_layers]
+
+
+@dataclass(frozen=True, eq=False)
 class LoraAdapter:
     """A loaded, validated adapter on the CPU, in the dtype it was loaded as."""
 
@@ -228,6 +238,10 @@ class LoraAdapter:
     modules: Mapping[tuple[int, str], LoraModuleWeights]
     max_rank: int  # max rank over modules
     num_bytes: int  # bytes of all lora_a / lora_b tensors as loaded
+    # module_name -> the same weights stacked over layers, for projections adapted in every
+    # layer with one rank (`modules` holds views of these): the store writes them into a
+    # slot of all layers at once. Other projections are in `modules` only.
+    stacks: Mapping[str, StackedModuleWeights] = field(default_factory=lambda: MappingProxyType({}))
 
 
 # --------------------------------------------------------------------------- config
@@ -568,7 +582,7 @@ def load_adapter(
         )
 
     try:
-        modules = _read_weights(adapter_id, weights_path, spec, targets, dtype)
+        modules, stacks = _read_weights(adapter_id, weights_path, spec, targets, dtype)
     except SafetensorError as e:
         raise AdapterInvalid(
             adapter_id, weights_path, f"not a valid safetensors file: {e}"
@@ -584,6 +598,7 @@ def load_adapter(
         modules=MappingProxyType(modules),
         max_rank=largest.rank,
         num_bytes=sum(_nbytes(w.lora_a) + _nbytes(w.lora_b) for w in modules.values()),
+        stacks=MappingProxyType(stacks),
     )
 
 
@@ -593,7 +608,9 @@ def _read_weights(
     spec: BaseModelSpec,
     targets: Mapping[tuple[int, str], ModuleTarget],
     dtype: torch.dtype,
-) -> dict[tuple[int, str], LoraModuleWeights]:
+) -> tuple[dict[tuple[int, str], LoraModuleWeights], dict[str, StackedModuleWeights]]:
+    """(modules, stacks) as LoraAdapter holds them."""
+
     def invalid(reason: str) -> AdapterInvalid:
         return AdapterInvalid(adapter_id, path, reason)
 
@@ -643,14 +660,56 @@ def _read_weights(
                         "which target_modules targets"
                     )
 
-        # 2. Read, convert, and refuse non-finite values (one vectorized pass per tensor).
+        # 2. Copy out and convert. get_tensor's tensors are views of the file's mapping;
+        #    the copies make the CPU tier own its memory, so a file overwritten in place
+        #    never changes (or faults) a loaded adapter. Projections adapted in every layer
+        #    with one rank go into one tensor per factor (StackedModuleWeights), and
+        #    `modules` gets views of them.
+        # 3. Refuse non-finite values. A NaN or inf anywhere makes its tensor's sum NaN or
+        #    inf, so one reduction per tensor or stack (no temporaries) and one check at the
+        #    end prove every value finite; only when that fails (a bad value, or a sum that
+        #    overflowed) are the tensors checked one by one, in order.
+        stacks = {
+            module: StackedModuleWeights(
+                torch.empty(spec.num_layers, rank, in_features, dtype=dtype),
+                torch.empty(spec.num_layers, out_features, rank, dtype=dtype),
+                tuple(targets[(layer, module)].scaling for layer in range(spec.num_layers)),
+            )
+            for module, (in_features, out_features) in spec.module_shapes.items()
+            if (rank := _uniform_rank(targets, module, spec.num_layers)) is not None
+        }
         modules: dict[tuple[int, str], LoraModuleWeights] = {}
+        read: list[tuple[str, torch.Tensor]] = []  # (key, tensor in `dtype`), in read order
+        sums: list[torch.Tensor] = []
+        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
         for (layer, module), target in targets.items():
             pair = keys[(layer, module)]
-            lora_a = _read_finite(f, pair["A"], dtype, invalid)  # [rank, in_features]
-            lora_b = _read_finite(f, pair["B"], dtype, invalid)  # [out_features, rank]
+            stack = stacks.get(module)
+            if stack is None:
+                lora_a = f.get_tensor(pair["A"]).to(dtype, copy=True)  # [rank, in_features]
+                lora_b = f.get_tensor(pair["B"]).to(dtype, copy=True)  # [out_features, rank]
+                sums += (lora_a.sum(dtype=accumulate), lora_b.sum(dtype=accumulate))
+            else:
+                lora_a = stack.lora_a[layer].copy_(f.get_tensor(pair["A"]))
+                lora_b = stack.lora_b[layer].copy_(f.get_tensor(pair["B"]))
+            read += ((pair["A"], lora_a), (pair["B"], lora_b))
             modules[(layer, module)] = LoraModuleWeights(lora_a, lora_b, target.scaling)
-    return modules
+        for stack in stacks.values():
+            sums += (stack.lora_a.sum(dtype=accumulate), stack.lora_b.sum(dtype=accumulate))
+        if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+            for key, tensor in read:
+                _check_finite(f, key, tensor, dtype, invalid)
+    return modules, stacks
+
+
+def _uniform_rank(
+    targets: Mapping[tuple[int, str], ModuleTarget], module: str, num_layers: int
+) -> int | None:
+    """The rank of `module` when the config adapts it in every layer with one rank, else None."""
+    layers = [targets.get((layer, module)) for layer in range(num_layers)]
+    if any(target is None for target in layers) or len({t.rank for t in layers}) != 1:
+        return None
+    return layers[0].rank
 
 
 def _parse_tensor_key(
@@ -689,17 +748,21 @@ def _parse_tensor_key(
     return layer, module, match.group("factor")
 
 
-def _read_finite(
-    f: Any, key: str, dtype: torch.dtype, invalid: Callable[[str], AdapterInvalid]
-) -> torch.Tensor:
+def _check_finite(
+    f: Any,
+    key: str,
+    tensor: torch.Tensor,
+    dtype: torch.dtype,
+    invalid: Callable[[str], AdapterInvalid],
+) -> None:
+    """Refuse `tensor` (the file's `key` converted to `dtype`) if any value is NaN or inf."""
+    if torch.isfinite(tensor).all():
+        return
+    # Tell a NaN/inf in the file from a value that overflowed the serving dtype.
     stored = f.get_tensor(key)
-    tensor = stored.to(dtype)
-    if not torch.isfinite(tensor).all():
-        # Tell a NaN/inf in the file from a value that overflowed the serving dtype.
-        if stored.dtype != dtype and torch.isfinite(stored).all():
-            raise invalid(f"tensor {key!r} has values out of range for {dtype}")
-        raise invalid(f"tensor {key!r} contains NaN or inf")
-    return tensor
+    if stored.dtype != dtype and torch.isfinite(stored).all():
+        raise invalid(f"tensor {key!r} has values out of range for {dtype}")
+    raise invalid(f"tensor {key!r} contains NaN or inf")
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -64,6 +64,7 @@ class AdapterEntry:
     queued: bool = False  # in the loader's queue (a load was asked for)
     loading: bool = False  # the loader is reading or writing it right now
     queued_at: float = 0.0  # clock() when queued, for the load latency
+    hinted_at: float | None = None  # clock() of the latest prefetch; None: not asked by one
 
     @property
     def key(self) -> tuple[str, int]:

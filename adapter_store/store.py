@@ -10,7 +10,10 @@ I/O), `prefetch` when a request is queued, and `load_error` to fail requests who
 is unknown, broken or deleted. The HTTP thread registers, uploads, deletes, (un)pins for
 good and lists. One loader thread reads adapters (disk -> CPU tier) and writes them into
 free or evictable slots (CPU -> device), one at a time in request order; an adapter
-becomes resident only once its slot is completely written.
+becomes resident only once its slot is completely written. A load asked for by prefetch
+is dropped once the ask has not been repeated for `prefetch_ttl_s` (the scheduler repeats
+it every step while a request waits for the adapter), so asks nobody repeats any more, say
+for requests queued behind a starving one, never delay the load that request needs now.
 
 Invariants:
 - a slot leased by a running request (pinned) is never evicted or written;
@@ -206,10 +209,12 @@ class AdapterStore:
             return entry is not None and entry.slot is not None
 
     def prefetch(self, adapter_id: str) -> None:
-        """Queue a load of the current version unless it is resident, queued or failed."""
+        """Queue a load of the current version unless it is resident, queued or failed; a
+        queued one's ask is renewed (it expires after config.prefetch_ttl_s)."""
         with self._lock:
             entry = self._registry.get(adapter_id)
             if entry is not None:
+                entry.hinted_at = self._clock()
                 self._enqueue(entry)
 
     def pin(self, adapter_id: str) -> int | None:
@@ -498,21 +503,31 @@ class AdapterStore:
         self._cond.notify_all()
 
     def _idle_timeout(self) -> float | None:
-        """Under _lock: how long the loader may sleep: until a fresh slot becomes evictable
-        when a load is waiting for a slot, else until woken."""
+        """Under _lock: how long the loader may sleep: when a load is waiting for a slot,
+        until a fresh slot becomes evictable or that load's ask expires, else until woken."""
         if not self._queue:
             return None
-        expiry = self._slots.next_fresh_expiry()
-        return None if expiry is None else max(0.001, expiry - self._clock())
+        times = [self._slots.next_fresh_expiry(), self._ask_expiry(self._queue[0])]
+        times = [t for t in times if t is not None]
+        return max(0.001, min(times) - self._clock()) if times else None
+
+    def _ask_expiry(self, entry: AdapterEntry) -> float | None:
+        """Under _lock: when `entry`'s queued load expires, or None (it never does)."""
+        if entry.hinted_at is None or entry.adapter_id in self._permanent:
+            return None
+        return entry.hinted_at + self.config.prefetch_ttl_s
 
     def _is_current(self, entry: AdapterEntry) -> bool:
         return self._registry.get(entry.adapter_id) is entry and entry.error is None
 
     def _next_job(self) -> AdapterEntry | None:
-        """Under _lock: the oldest queued entry that still needs loading, dropping the rest."""
+        """Under _lock: the oldest queued entry that still needs loading and is still asked
+        for, dropping the rest (an expired ask stays in the CPU tier if it was read)."""
+        now = self._clock()
         while self._queue:
             entry = self._queue[0]
-            if self._is_current(entry) and entry.slot is None:
+            expiry = self._ask_expiry(entry)
+            if self._is_current(entry) and entry.slot is None and (expiry is None or now < expiry):
                 return entry
             self._finish_job(entry)
         return None

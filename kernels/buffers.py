@@ -11,9 +11,16 @@ a step's `LoraBatchInfo`. Layout (row-major, contiguous):
 Rows past a slot's rank are zero, so reading up to any rank >= the true one is harmless;
 the kernels read only `ranks[slot]` rows (mixed ranks cost their own size, not the max).
 The adapter's alpha/r scaling is folded into lora_b when the slot is written.
+
+`LoraModuleStack` allocates one projection's buffers for every layer at once, as
+[num_layers, ...] tensors whose index i is layer i's LoraModuleBuffers (the same layout,
+views). The kernels see no difference; the adapter store writes a slot of all layers with
+one copy per factor instead of one per layer (a few large copies, not hundreds of small ones).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -27,16 +34,26 @@ class LoraModuleBuffers:
         out_features: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        stack: LoraModuleStack | None = None,
+        layer: int = 0,
     ) -> None:
         self.max_slots = max_slots
         self.max_rank = max_rank
         self.in_features = in_features
         self.out_features = out_features
-        self.lora_a = torch.zeros(max_slots, max_rank, in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(max_slots, max_rank, out_features, dtype=dtype, device=device)
-        self.ranks = torch.zeros(max_slots, dtype=torch.int32, device=device)
+        self.stack = stack  # the stack these buffers are layer `layer` of, or None
+        if stack is None:
+            self.lora_a = torch.zeros(max_slots, max_rank, in_features, dtype=dtype, device=device)
+            self.lora_b = torch.zeros(max_slots, max_rank, out_features, dtype=dtype, device=device)
+            self.ranks = torch.zeros(max_slots, dtype=torch.int32, device=device)
+        else:
+            self.lora_a, self.lora_b, self.ranks = stack.lora_a[layer], stack.lora_b[layer], stack.ranks[layer]
         # Host mirror of `ranks`, read by CPU loops without touching device memory.
         self.ranks_host = [0] * max_slots
+        # Per-slot views, made once: a slot write is ~2 tensor ops per module, and indexing
+        # anew each time would cost as much as the copies themselves.
+        self._slot_a = self.lora_a.unbind(0)  # max_slots x [max_rank, in_features]
+        self._slot_b = self.lora_b.unbind(0)  # max_slots x [max_rank, out_features]
 
     @property
     def num_bytes_per_slot(self) -> int:
@@ -47,6 +64,8 @@ class LoraModuleBuffers:
         """Put one adapter's weights for this module into `slot`.
 
         lora_a: [r, in_features] and lora_b: [out_features, r], PEFT's own layout.
+        Rows past the previous occupant's rank are zero already (write and clear keep it
+        so), so only rows [r, previous rank) are cleared: rewriting a slot costs the copy.
         """
         rank = lora_a.shape[0]
         if lora_a.shape != (rank, self.in_features) or lora_b.shape != (self.out_features, rank):
@@ -56,19 +75,22 @@ class LoraModuleBuffers:
             )
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds the buffers' max rank {self.max_rank}")
-        a = self.lora_a[slot]  # [max_rank, in]
-        b = self.lora_b[slot]  # [max_rank, out]
-        a[:rank].copy_(lora_a)
+        a = self._slot_a[slot]  # [max_rank, in]
+        b = self._slot_b[slot]  # [max_rank, out]
+        if rank < self.max_rank:
+            a, b = a[:rank], b[:rank]
+        a.copy_(lora_a)
         if lora_b.device == b.device and lora_b.dtype == b.dtype:
-            torch.mul(lora_b.t(), scaling, out=b[:rank])  # one pass, no temporary
+            torch.mul(lora_b.t(), scaling, out=b)  # one pass, no temporary
         else:
-            b[:rank].copy_(lora_b.t() * scaling)
+            b.copy_(lora_b.t() * scaling)
         previous = self.ranks_host[slot]
         if previous > rank:  # rows past the previous rank are zero already
-            a[rank:previous].zero_()
-            b[rank:previous].zero_()
-        self.ranks[slot] = rank
-        self.ranks_host[slot] = rank
+            self.lora_a[slot, rank:previous].zero_()
+            self.lora_b[slot, rank:previous].zero_()
+        if previous != rank:
+            self.ranks[slot] = rank
+            self.ranks_host[slot] = rank
 
     def clear(self, slot: int) -> None:
         """Make `slot` contribute nothing (its module is not adapted)."""
@@ -78,3 +100,73 @@ class LoraModuleBuffers:
         if rank:
             self.lora_a[slot, :rank].zero_()
             self.lora_b[slot, :rank].zero_()
+
+
+class LoraModuleStack:
+    """One projection's slot buffers for all layers in one allocation (see the module docstring).
+
+        lora_a  [num_layers, max_slots, max_rank, in_features]
+        lora_b  [num_layers, max_slots, max_rank, out_features]
+        ranks   int32 [num_layers, max_slots]
+    `layers[i]` is layer i's LoraModuleBuffers, views of index i.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        max_slots: int,
+        max_rank: int,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.lora_a = torch.zeros(num_layers, max_slots, max_rank, in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(num_layers, max_slots, max_rank, out_features, dtype=dtype, device=device)
+        self.ranks = torch.zeros(num_layers, max_slots, dtype=torch.int32, device=device)
+        self.layers: tuple[LoraModuleBuffers, ...] = tuple(
+            LoraModuleBuffers(max_slots, max_rank, in_features, out_features, dtype, device, self, i)
+            for i in range(num_layers)
+        )
+
+    def write(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scalings: Sequence[float]) -> None:
+        """Put one adapter's weights for this projection in every layer into `slot`.
+
+        lora_a: [num_layers, r, in_features], lora_b: [num_layers, out_features, r] (PEFT's
+        layout per layer), scalings: one per layer. The same as layer i's
+        `write(slot, lora_a[i], lora_b[i], scalings[i])` for every i, in two copies.
+        """
+        num_layers, rank = len(self.layers), lora_a.shape[1]
+        first = self.layers[0]
+        if (
+            lora_a.shape != (num_layers, rank, first.in_features)
+            or lora_b.shape != (num_layers, first.out_features, rank)
+            or len(scalings) != num_layers
+        ):
+            raise ValueError(
+                f"stacked LoRA shapes {tuple(lora_a.shape)} / {tuple(lora_b.shape)} with "
+                f"{len(scalings)} scalings do not fit {num_layers} layers of "
+                f"[r, {first.in_features}] / [{first.out_features}, r]"
+            )
+        if rank > first.max_rank:
+            raise ValueError(f"rank {rank} exceeds the buffers' max rank {first.max_rank}")
+        a = self.lora_a[:, slot, :rank]  # [num_layers, r, in]
+        b = self.lora_b[:, slot, :rank]  # [num_layers, r, out]
+        a.copy_(lora_a)
+        # The scalings as a tensor in the op-math type a Python float scalar would get, so
+        # the products round exactly as in LoraModuleBuffers.write.
+        scale_dtype = torch.float64 if lora_b.dtype == torch.float64 else torch.float32
+        scale = torch.tensor(scalings, dtype=scale_dtype, device=lora_b.device).view(num_layers, 1, 1)
+        if lora_b.device == b.device:
+            torch.mul(lora_b.transpose(1, 2), scale, out=b)  # one pass, no temporary
+        else:
+            b.copy_(torch.mul(lora_b.transpose(1, 2), scale).to(lora_b.dtype))
+        previous = [layer.ranks_host[slot] for layer in self.layers]
+        for i, before in enumerate(previous):
+            if before > rank:  # rows past the previous rank are zero already
+                self.lora_a[i, slot, rank:before].zero_()
+                self.lora_b[i, slot, rank:before].zero_()
+        if any(before != rank for before in previous):
+            self.ranks[:, slot] = rank
+            for layer in self.layers:
+                layer.ranks_host[slot] = rank

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+from adapter_store.format import load_adapter
+from adapter_store.loader import LoadFn
 from adapter_store.store import AdapterStore
 from kernels.backend import select_backend
 from kernels.cpu_build import default_cache_dir
@@ -51,8 +53,9 @@ def eos_token_ids(model_dir, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def build_engine(config: LoramuxConfig, on_adapter_load=None) -> EngineParts:
-    """on_adapter_load: the store's hook for every finished adapter load (metrics)."""
+def build_engine(config: LoramuxConfig, on_adapter_load=None, adapter_load_fn: LoadFn | None = None) -> EngineParts:
+    """on_adapter_load: the store's hook for every finished adapter load (metrics).
+    adapter_load_fn: replaces the store's disk read (format.load_adapter); tests slow loads with it."""
     started = time.perf_counter()
     mc = config.model
     device = torch.device(mc.device)
@@ -80,7 +83,13 @@ def build_engine(config: LoramuxConfig, on_adapter_load=None) -> EngineParts:
         )
     eos = eos_token_ids(mc.model_dir, tokenizer)
     store = AdapterStore(
-        config.adapters, model.spec.base_model_spec(), model.lora_buffers(), dtype, device, on_load=on_adapter_load
+        config.adapters,
+        model.spec.base_model_spec(),
+        model.lora_buffers(),
+        dtype,
+        device,
+        on_load=on_adapter_load,
+        load_fn=adapter_load_fn or load_adapter,
     )
     store.start()
     scheduling = config.scheduling

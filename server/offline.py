@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 from scheduler.sampling_params import SamplingParams
 from server.engine_core import EngineCore
 from server.outputs import CompletedRequest
+
+# How long a step that scheduled nothing (every request waits for its adapter to load)
+# sleeps before the next: spinning would take the CPU and the GIL from the loader thread.
+STALLED_WAIT_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,12 @@ class OfflineEngine:
             order.append(request_id)
         pending = set(order)
         while pending:
-            for output in self.core.step():
+            outputs = self.core.step()
+            for output in outputs:
                 if output.request_id in results:
                     results[output.request_id].add(output)
                     if output.finished:
                         pending.discard(output.request_id)
+            if not outputs and self.core.last_step.num_scheduled_requests == 0:
+                time.sleep(STALLED_WAIT_S)
         return [results[i] for i in order]

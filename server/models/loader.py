@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from kernels.backend import LoraBackend
-from kernels.buffers import LoraModuleBuffers
+from kernels.buffers import LoraModuleBuffers, LoraModuleStack
 from server.models.llama import LayerLora, LayerWeights, LlamaModel, ModelWeights
 from server.models.spec import ModelSpec, ModelUnsupported, load_hf_config, model_spec_from_config, rope_tables
 
@@ -96,20 +96,23 @@ def _load_weights(table: _TensorTable, spec: ModelSpec) -> ModelWeights:
 def _lora_buffers(
     spec: ModelSpec, max_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
 ) -> list[LayerLora]:
-    shapes = spec.lora_module_shapes()
+    # One stack per projection: a slot of all layers is one strided region (adapter writes).
+    stacks = {
+        name: LoraModuleStack(spec.num_layers, max_slots, max_rank, *shape, dtype, device)
+        for name, shape in spec.lora_module_shapes().items()
+    }
 
-    def make(name: str) -> LoraModuleBuffers:
-        in_features, out_features = shapes[name]
-        return LoraModuleBuffers(max_slots, max_rank, in_features, out_features, dtype, device)
+    def make(name: str, layer: int) -> LoraModuleBuffers:
+        return stacks[name].layers[layer]
 
     return [
         LayerLora(
-            qkv=(make("q_proj"), make("k_proj"), make("v_proj")),
-            o=(make("o_proj"),),
-            gate_up=(make("gate_proj"), make("up_proj")),
-            down=(make("down_proj"),),
+            qkv=(make("q_proj", i), make("k_proj", i), make("v_proj", i)),
+            o=(make("o_proj", i),),
+            gate_up=(make("gate_proj", i), make("up_proj", i)),
+            down=(make("down_proj", i),),
         )
-        for _ in range(spec.num_layers)
+        for i in range(spec.num_layers)
     ]
 
 

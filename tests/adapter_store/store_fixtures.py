@@ -17,7 +17,7 @@ from safetensors.torch import save, save_file
 from adapter_store.config import AdapterStoreConfig
 from adapter_store.format import CONFIG_NAME, WEIGHTS_NAME, BaseModelSpec, load_adapter
 from adapter_store.store import AdapterStore
-from kernels.buffers import LoraModuleBuffers
+from kernels.buffers import LoraModuleBuffers, LoraModuleStack
 
 # 2 layers, GQA: the spec of tests/adapter_store/conftest.py's TINY_LLAMA.
 TINY_SPEC = BaseModelSpec(
@@ -86,7 +86,15 @@ def make_buffers(
     max_slots: int = 3,
     max_rank: int = MAX_RANK,
     dtype: torch.dtype = torch.float32,
+    stacked: bool = False,
 ) -> dict[tuple[int, str], LoraModuleBuffers]:
+    """Per-module buffers, or (stacked) one LoraModuleStack per projection as the model has."""
+    if stacked:
+        stacks = {
+            module: LoraModuleStack(spec.num_layers, max_slots, max_rank, *shape, dtype, "cpu")
+            for module, shape in spec.module_shapes.items()
+        }
+        return {(layer, module): stacks[module].layers[layer] for layer, module in spec.modules()}
     return {
         (layer, module): LoraModuleBuffers(
             max_slots, max_rank, *spec.module_shapes[module], dtype, "cpu"
@@ -100,6 +108,7 @@ def make_store(
     max_slots: int = 3,
     dtype: torch.dtype = torch.float32,
     spec: BaseModelSpec = TINY_SPEC,
+    stacked: bool = False,
     **config,
 ) -> AdapterStore:
     """A store over fresh buffers (not started). Extra kwargs go to AdapterStoreConfig
@@ -110,7 +119,7 @@ def make_store(
     return AdapterStore(
         AdapterStoreConfig(**config),
         spec,
-        make_buffers(spec, max_slots, dtype=dtype),
+        make_buffers(spec, max_slots, dtype=dtype, stacked=stacked),
         dtype,
         "cpu",
         **store_kwargs,

@@ -99,6 +99,26 @@ def _assert_loads_like_peft(directory: Path, spec: BaseModelSpec, llama_config) 
     assert {k: (t.rank, t.scaling) for k, t in targets.items()} == {
         k: (w.lora_a.shape[0], w.scaling) for k, w in adapter.modules.items()
     }
+    _assert_stacks(adapter, spec)
+
+
+def _assert_stacks(adapter, spec: BaseModelSpec) -> None:
+    """Projections adapted in every layer with one rank are stacked; the modules are views."""
+    layers = range(spec.num_layers)
+    uniform = {
+        module
+        for module in spec.module_shapes
+        if all((layer, module) in adapter.modules for layer in layers)
+        and len({adapter.modules[(layer, module)].lora_a.shape[0] for layer in layers}) == 1
+    }
+    assert set(adapter.stacks) == uniform
+    for module, stack in adapter.stacks.items():
+        assert stack.scalings == tuple(adapter.modules[(layer, module)].scaling for layer in layers)
+        for layer in layers:
+            weights = adapter.modules[(layer, module)]
+            assert weights.lora_a.data_ptr() == stack.lora_a[layer].data_ptr()
+            assert weights.lora_b.data_ptr() == stack.lora_b[layer].data_ptr()
+            assert weights.lora_a.is_contiguous() and weights.lora_b.is_contiguous()
 
 
 # --------------------------------------------------------------------------- what loads
@@ -482,6 +502,34 @@ def test_value_overflowing_serving_dtype(base_adapter, tmp_path, spec):
     load_adapter(ID, directory, spec, max_rank=MAX_RANK)
     with pytest.raises(AdapterInvalid, match=r"out of range for torch\.float16"):
         load_adapter(ID, directory, spec, max_rank=MAX_RANK, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("rank_pattern", [{}, {r"layers\.1\.self_attn\.q_proj": 2}])
+def test_loaded_weights_do_not_change_with_the_file(make_adapter, spec, rank_pattern):
+    """The adapter owns its memory: a file overwritten in place (same inode, as `cp` does)
+    changes nothing loaded, stacked (one rank in every layer) or not (two ranks)."""
+    directory, _ = make_adapter("a", seed=1, target_modules=["q_proj"], r=4, rank_pattern=rank_pattern)
+    other, _ = make_adapter("b", seed=2, target_modules=["q_proj"], r=4, rank_pattern=rank_pattern)
+    adapter = load_adapter(ID, directory, spec, max_rank=MAX_RANK)
+    assert bool(adapter.stacks) == (not rank_pattern)
+    before = {key: (w.lora_a.clone(), w.lora_b.clone()) for key, w in adapter.modules.items()}
+    data = (other / WEIGHTS_NAME).read_bytes()
+    assert len(data) == (directory / WEIGHTS_NAME).stat().st_size
+    with open(directory / WEIGHTS_NAME, "r+b") as file:  # in place: the same inode
+        file.write(data)
+    for key, (lora_a, lora_b) in before.items():
+        assert torch.equal(adapter.modules[key].lora_a, lora_a), key
+        assert torch.equal(adapter.modules[key].lora_b, lora_b), key
+
+
+def test_finite_values_whose_sum_overflows_are_accepted(base_adapter, tmp_path, spec):
+    """The finite check sums each tensor first; an overflowing sum is not a bad value."""
+    directory = tmp_path / "adapter"
+    shutil.copytree(base_adapter, directory)
+    big = torch.full((4, 64), 3e38)  # finite, but the sum is inf in fp32
+    _with(**{_q_a(): big})(directory)
+    adapter = load_adapter(ID, directory, spec, max_rank=MAX_RANK)
+    assert torch.equal(adapter.modules[(0, "q_proj")].lora_a, big)
 
 
 @pytest.mark.parametrize(

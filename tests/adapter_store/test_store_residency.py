@@ -21,6 +21,7 @@ from tests.adapter_store.store_fixtures import (
 )
 
 GRACE = 5.0
+TTL = 2.0
 
 
 @pytest.fixture
@@ -128,8 +129,64 @@ def test_fresh_adapter_stays_until_pinned_once_or_grace_ends(adapter_dir):
     load(store, "d")
     assert resident(store) == {"b", "c"}  # b and c are fresh
     clock.now += GRACE
-    store.drain()
+    load(store, "d")  # asked again, as the scheduler does while d's request waits
     assert resident(store) in ({"c", "d"}, {"b", "d"})
+
+
+def test_a_prefetch_not_repeated_expires(adapter_dir):
+    clock = FakeClock()
+    store = started(adapter_dir, max_slots=2, clock=clock, prefetch_ttl_s=TTL)
+    load(store, "a", "b")
+    slot_a, slot_b = store.pin("a"), store.pin("b")  # every slot leased: c has to wait
+    load(store, "c")
+    clock.now += TTL / 2
+    store.prefetch("c")  # repeated: the ask lives on
+    clock.now += TTL * 0.75
+    store.unpin(slot_a)
+    store.drain()
+    assert store.is_resident("c")
+    load(store, "d")
+    assert store.stats().num_loading == 1
+    clock.now += TTL * 1.5  # not repeated: nobody waits for d any more
+    store.unpin(slot_b)
+    store.drain()
+    assert not store.is_resident("d") and store.stats().num_loading == 0
+    assert store.info("d").status is AdapterStatus.CPU  # what was read stays in RAM
+    load(store, "d")  # asked again: loads
+    assert store.is_resident("d")
+
+
+def test_stale_asks_do_not_delay_a_current_one(adapter_dir):
+    """The head-of-line case: the scheduler now asks for e only (its oldest request waits
+    for it); the loads asked for earlier and never again go, e loads first."""
+    clock = FakeClock()
+    store = started(adapter_dir, max_slots=2, clock=clock, prefetch_ttl_s=TTL)
+    load(store, "a", "b")
+    slots = store.pin("a"), store.pin("b")
+    for name in "cde":
+        store.prefetch(name)
+    clock.now += TTL * 0.75
+    store.prefetch("e")
+    clock.now += TTL * 0.5  # c and d were asked for TTL * 1.25 ago, e TTL * 0.5 ago
+    store.unpin(slots[0])
+    store.drain()
+    assert resident(store) == {"b", "e"}
+    assert store.stats().num_loading == 0
+    store.unpin(slots[1])
+
+
+def test_loads_for_pins_for_good_never_expire(adapter_dir):
+    clock = FakeClock()
+    store = started(adapter_dir, max_slots=2, clock=clock, prefetch_ttl_s=TTL)
+    load(store, "a", "b")
+    slots = store.pin("a"), store.pin("b")
+    store.pin_permanent("c")
+    store.prefetch("c")  # also asked for by a request: still never expires
+    clock.now += TTL * 10
+    store.unpin(slots[0])
+    store.drain()
+    assert store.is_resident("c")
+    store.unpin(slots[1])
 
 
 def test_pinned_slots_are_never_evicted(adapter_dir):

@@ -18,9 +18,11 @@ from tests.adapter_store.store_fixtures import (
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-module", "stacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_slot_writes_match_load_adapter(tmp_path, make_adapter, spec, dtype):
-    """Adapters made by peft itself, with mixed ranks and partial targets."""
+def test_slot_writes_match_load_adapter(tmp_path, make_adapter, spec, dtype, stacked):
+    """Adapters made by peft itself, with mixed ranks and partial targets, into per-module
+    buffers and into stacked ones (the model's: stacked projections are written at once)."""
     make_adapter(
         "mixed",
         seed=1,
@@ -30,12 +32,14 @@ def test_slot_writes_match_load_adapter(tmp_path, make_adapter, spec, dtype):
         rank_pattern={"k_proj": 2, "layers.1.mlp.down_proj": 8},
     )
     make_adapter("mlp", seed=2, r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear")
+    make_adapter("attn", seed=3, r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"])
     clock = FakeClock()
     store = make_store(
-        tmp_path, max_slots=1, dtype=dtype, spec=spec, clock=clock, fresh_grace_s=0.0
+        tmp_path, max_slots=1, dtype=dtype, spec=spec, clock=clock, fresh_grace_s=0.0, stacked=stacked
     )
     store.start(run_loader=False)
-    for name in ["mixed", "mlp", "mixed"]:  # one slot, reused: nothing of before may stay
+    # One slot, reused: nothing of before may stay (ranks 8 -> 2 -> 4/2/8 -> 8 -> 2).
+    for name in ["mlp", "attn", "mixed", "mlp", "attn"]:
         store.prefetch(name)
         store.drain()
         slot = store.pin(name)
