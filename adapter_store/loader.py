@@ -20,6 +20,7 @@ import torch
 from adapter_store.device_slots import write_adapter_to_slot
 from adapter_store.format import BaseModelSpec, LoraAdapter
 from kernels.buffers import LoraModuleBuffers
+from kernels.openmp import set_thread_openmp_threads
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class LoaderThread:
             self._thread.join()
 
     def _run(self) -> None:
+        # One OpenMP thread: a second worker pool would throttle the engine's (kernels/openmp.py).
+        set_thread_openmp_threads(1)
         while True:
             with self._cond:
                 if self._stopping:

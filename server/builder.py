@@ -60,8 +60,6 @@ def build_engine(config: LoramuxConfig, on_adapter_load=None, adapter_load_fn: L
     mc = config.model
     device = torch.device(mc.device)
     dtype = mc.torch_dtype
-    if mc.num_threads:
-        torch.set_num_threads(mc.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(str(mc.model_dir))
     backend = select_backend(device, dtype, default_cache_dir(), mc.lora_backend)
     model = load_model(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.openmp import set_thread_openmp_threads
 from scheduler.sampling_params import SamplingParams
 from server.engine_core import EngineCore
 from server.outputs import RequestOutput
@@ -118,8 +119,8 @@ class AsyncEngine:
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        if self._num_threads:
-            torch.set_num_threads(self._num_threads)  # OpenMP settings are per thread
+        # The one thread that runs wide OpenMP regions (see kernels/openmp.py).
+        set_thread_openmp_threads(self._num_threads or torch.get_num_threads())
         try:
             while not self._stopping.is_set():
                 outputs = self._drain_commands()

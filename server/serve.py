@@ -139,14 +139,21 @@ def configure_logging(level: str) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
+    from kernels.openmp import set_thread_openmp_threads
     from server.api.app import create_app
     from server.builder import build_engine
     from server.metrics import ServerMetrics
 
     configure_logging(args.log_level)
     config = config_from_args(args)
+    if config.model.num_threads:
+        torch.set_num_threads(config.model.num_threads)  # the count the engine thread takes up
+    # The engine runs in its own thread; this one (model loading, then HTTP) must not keep
+    # an OpenMP worker pool of its own (kernels/openmp.py).
+    set_thread_openmp_threads(1)
     metrics = ServerMetrics(config.lora.max_loras)
     parts = build_engine(config, on_adapter_load=metrics.observe_adapter_load)
     app = create_app(parts, metrics)

@@ -48,12 +48,55 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
     return sum;
 }
 
-/* y[t, c0:c1] += h[t, j] * B[j, c0:c1] for j < r, in order of j. */
+/* Four dot products of rows a0..a3 with the same b, each in the same order as dot(). */
+static inline void dot4(const float *restrict a0, const float *restrict a1, const float *restrict a2,
+                        const float *restrict a3, const float *restrict b, int n, float out[4])
+{
+    float c0[LANES] = {0}, c1[LANES] = {0}, c2[LANES] = {0}, c3[LANES] = {0};
+    int k = 0;
+    for (; k + LANES <= n; k += LANES)
+        for (int l = 0; l < LANES; l++) {
+            const float bv = b[k + l];
+            c0[l] += a0[k + l] * bv;
+            c1[l] += a1[k + l] * bv;
+            c2[l] += a2[k + l] * bv;
+            c3[l] += a3[k + l] * bv;
+        }
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    for (int l = 0; l < LANES; l++) {
+        s0 += c0[l];
+        s1 += c1[l];
+        s2 += c2[l];
+        s3 += c3[l];
+    }
+    for (; k < n; k++) {
+        s0 += a0[k] * b[k];
+        s1 += a1[k] * b[k];
+        s2 += a2[k] * b[k];
+        s3 += a3[k] * b[k];
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+/* y[t, c0:c1] += h[t, j] * B[j, c0:c1] for j < r, in order of j. Four B rows are streamed
+ * at once (more memory parallelism, one y read and write per four rows); each element
+ * still sees its products added one row at a time, in order. */
 static inline void expand_rows(float *restrict y, int64_t y_stride, const float *restrict h,
                                int max_rank, const float *restrict b, int out, int r,
                                int t0, int t1, int c0, int c1)
 {
-    for (int j = 0; j < r; j++) {
+    int j = 0;
+    for (; j + 4 <= r; j += 4) {
+        const float *b0 = b + (int64_t)j * out, *b1 = b0 + out, *b2 = b1 + out, *b3 = b2 + out;
+        for (int t = t0; t < t1; t++) {
+            float *yr = y + (int64_t)t * y_stride;
+            const float *hr = h + (int64_t)(t - t0) * max_rank + j;
+            const float h0 = hr[0], h1 = hr[1], h2 = hr[2], h3 = hr[3];
+            #pragma omp simd
+            for (int c = c0; c < c1; c++) yr[c] = (((yr[c] + h0 * b0[c]) + h1 * b1[c]) + h2 * b2[c]) + h3 * b3[c];
+        }
+    }
+    for (; j < r; j++) {
         const float *br = b + (int64_t)j * out;
         for (int t = t0; t < t1; t++) {
             float *yr = y + (int64_t)t * y_stride;
@@ -64,16 +107,70 @@ static inline void expand_rows(float *restrict y, int64_t y_stride, const float 
     }
 }
 
-/* h[t - t0, j] = scale * (x[t] . A[j]) for j in [j0, j1). */
+/* h[t - t0, j] = scale * (x[t] . A[j]) for j in [j0, j1); four A rows at a time. */
 static inline void shrink_rows(float *restrict h, int max_rank, const float *restrict x,
                                int64_t x_stride, const float *restrict a, int in_f,
                                int t0, int t1, int j0, int j1, float scale)
 {
-    for (int j = j0; j < j1; j++) {
+    int j = j0;
+    for (; j + 4 <= j1; j += 4) {
+        const float *ar = a + (int64_t)j * in_f;
+        for (int t = t0; t < t1; t++) {
+            float d[4];
+            dot4(ar, ar + in_f, ar + 2 * in_f, ar + 3 * in_f, x + (int64_t)t * x_stride, in_f, d);
+            float *hr = h + (int64_t)(t - t0) * max_rank + j;
+            hr[0] = d[0] * scale, hr[1] = d[1] * scale, hr[2] = d[2] * scale, hr[3] = d[3] * scale;
+        }
+    }
+    for (; j < j1; j++) {
         const float *ar = a + (int64_t)j * in_f;
         for (int t = t0; t < t1; t++)
             h[(int64_t)(t - t0) * max_rank + j] = dot(ar, x + (int64_t)t * x_stride, in_f) * scale;
     }
+}
+
+/* Each thread takes whole segments (contiguous groups of about equal cost): it streams
+ * long runs of one adapter's A then B rows, writes only its own tokens' y rows, and
+ * needs no barrier. */
+static void whole_segments(float *y, int64_t y_stride, const float *x, int64_t x_stride, int in_f,
+                           const Slice *slices, int num_slices, int max_rank,
+                           const int32_t *seg_start, const int32_t *seg_end, const int32_t *seg_slot,
+                           const float *seg_scale, int num_segs, int num_threads)
+{
+    double *cost = malloc(sizeof(double) * (num_segs + 1));
+    if (!cost) return;
+    int max_tokens = 1;
+    cost[0] = 0.;
+    for (int s = 0; s < num_segs; s++) {
+        double bytes = 0.;
+        for (int k = 0; k < num_slices; k++)
+            bytes += (double)slices[k].ranks[seg_slot[s]] * (in_f + slices[k].out);
+        const int n = seg_end[s] - seg_start[s];
+        cost[s + 1] = cost[s] + bytes * (4 + n);  /* weight bytes dominate; tokens add work */
+        if (n > max_tokens) max_tokens = n;
+    }
+    #pragma omp parallel num_threads(num_threads)
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const double lo = cost[num_segs] * tid / nt, hi = cost[num_segs] * (tid + 1) / nt;
+        float *h = malloc(sizeof(float) * (int64_t)max_tokens * max_rank);
+        for (int s = 0; h && s < num_segs; s++) {
+            const double mid = 0.5 * (cost[s] + cost[s + 1]);  /* the thread owning the midpoint */
+            if (mid < lo || mid >= hi) continue;
+            const int slot = seg_slot[s], t0 = seg_start[s], t1 = seg_end[s];
+            for (int k = 0; k < num_slices; k++) {
+                const int r = slices[k].ranks[slot];
+                if (r == 0) continue;
+                shrink_rows(h, max_rank, x, x_stride, slices[k].a + (int64_t)slot * max_rank * in_f,
+                            in_f, t0, t1, 0, r, seg_scale[s]);
+                expand_rows(y + slices[k].out_offset, y_stride, h, max_rank,
+                            slices[k].b + (int64_t)slot * max_rank * slices[k].out, slices[k].out, r,
+                            t0, t1, 0, slices[k].out);
+            }
+        }
+        free(h);
+    }
+    free(cost);
 }
 
 void lora_sgmv_f32(float *y, int64_t y_stride, const float *x, int64_t x_stride, int in_f,
@@ -91,6 +188,14 @@ void lora_sgmv_f32(float *y, int64_t y_stride, const float *x, int64_t x_stride,
         slices[k].ranks = (const int32_t *)(intptr_t)rank_ptrs[k];
         slices[k].out_offset = out_offsets[k];
         slices[k].out = out_widths[k];
+    }
+#ifndef WHOLE_SEGMENTS_MIN
+#define WHOLE_SEGMENTS_MIN 2
+#endif
+    if (num_threads > 1 && num_segs >= WHOLE_SEGMENTS_MIN * num_threads) {
+        whole_segments(y, y_stride, x, x_stride, in_f, slices, num_slices, max_rank,
+                       seg_start, seg_end, seg_slot, seg_scale, num_segs, num_threads);
+        return;
     }
     /* Phase 1 (shrink): work items are (slice, segment, rank row), split evenly.
      * Phase 2 (expand): each thread owns a contiguous range of the fused output columns. */
