@@ -1,6 +1,6 @@
 """Kernel tests: the Triton kernels run on the GPU when there is one, else on CPU tensors
-under the Triton interpreter (TRITON_INTERPRET=1, turned on here when the variable is
-absent; it must be set before a kernel module is imported, since @triton.jit reads it)."""
+under the Triton interpreter (TRITON_INTERPRET=1, turned on by tests/conftest.py when the
+variable is absent, before anything imports triton)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import os
 
 import pytest
 import torch
-
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _interpreted() -> bool:
