@@ -23,6 +23,7 @@ from adapter_store.errors import (
     UploadTooLarge,
 )
 from adapter_store.store import AdapterInfo
+from kernels.openmp import set_thread_openmp_threads
 from server.api.archives import CONFIG_NAME, WEIGHTS_NAME, ArchiveError, extract_adapter_files
 from server.api.auth import check_admin_key
 from server.api.context import get_service
@@ -129,12 +130,24 @@ async def _upload_files(request: Request, max_bytes: int) -> tuple[str, bytes, b
     return adapter_id, by_name[CONFIG_NAME], by_name[WEIGHTS_NAME]
 
 
+async def _run_blocking(function, *args):
+    """Run blocking store work (file IO, validation) on a worker thread, off the event loop.
+    The worker keeps to one OpenMP/MKL thread: a second wide pool in the process would slow
+    every engine step (kernels/openmp.py)."""
+
+    def call():
+        set_thread_openmp_threads(1)
+        return function(*args)
+
+    return await run_in_threadpool(call)
+
+
 @router.post("/adapters", status_code=201)
 async def upload_adapter(request: Request, service: GenerationService = Depends(get_service)):
     store = service.parts.store
     try:
         adapter_id, config, weights = await _upload_files(request, store.config.max_upload_bytes)
-        info = await run_in_threadpool(store.upload, adapter_id, config, weights)
+        info = await _run_blocking(store.upload, adapter_id, config, weights)
     except (UploadRejected, AdapterError) as exc:
         return _error(exc)
     return info_json(info)
@@ -142,7 +155,7 @@ async def upload_adapter(request: Request, service: GenerationService = Depends(
 
 @router.get("/adapters")
 async def list_adapters(service: GenerationService = Depends(get_service)):
-    infos = await run_in_threadpool(service.parts.store.list)
+    infos = await _run_blocking(service.parts.store.list)
     return {"object": "list", "data": [info_json(i) for i in infos]}
 
 
@@ -157,7 +170,7 @@ async def get_adapter(adapter_id: str, service: GenerationService = Depends(get_
 @router.delete("/adapters/{adapter_id}")
 async def delete_adapter(adapter_id: str, service: GenerationService = Depends(get_service)):
     try:
-        await run_in_threadpool(service.parts.store.delete, adapter_id)
+        await _run_blocking(service.parts.store.delete, adapter_id)
     except AdapterError as exc:
         return _error(exc)
     return {"id": adapter_id, "object": "adapter", "deleted": True}
@@ -224,7 +237,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, service: GenerationSer
                 f"The lora adapter '{body.lora_name}' has already been loaded (set load_inplace to replace it).",
                 "lora_name", status=400,
             )
-        await run_in_threadpool(store.register_directory, body.lora_name, path)
+        await _run_blocking(store.register_directory, body.lora_name, path)
     except (UploadRejected, AdapterError) as exc:
         return _error(exc)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -233,7 +246,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, service: GenerationSer
 @router.post("/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, service: GenerationService = Depends(get_service)):
     try:
-        await run_in_threadpool(service.parts.store.delete, body.lora_name)
+        await _run_blocking(service.parts.store.delete, body.lora_name)
     except AdapterError as exc:
         return _error(exc)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
