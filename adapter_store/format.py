@@ -224,7 +224,7 @@ class StackedModuleWeights:
     factor. Semantics per layer i: y += scalings[i] * (x @ lora_a[i].T) @ lora_b[i].T"""
 
     lora_a: torch.Tensor  # [num_layers, rank, in_features]
-    lora_b: torch.Tensor  # [num_layers, out_features, rank]
+    lora_b: torch.Tensor  # [num_layers, out_features, rank], a transposed view (see _read_weights)
     scalings: tuple[float, ...]  # [num_layers]
 
 
@@ -672,7 +672,11 @@ def _read_weights(
         stacks = {
             module: StackedModuleWeights(
                 torch.empty(spec.num_layers, rank, in_features, dtype=dtype),
-                torch.empty(spec.num_layers, out_features, rank, dtype=dtype),
+                # [num_layers, out_features, rank] as PEFT has it, stored as the transpose of
+                # a contiguous [num_layers, rank, out_features]: the device buffers' layout,
+                # so a CPU -> device load is a straight copy (the transpose is paid once,
+                # while reading the file).
+                torch.empty(spec.num_layers, rank, out_features, dtype=dtype).transpose(1, 2),
                 tuple(targets[(layer, module)].scaling for layer in range(spec.num_layers)),
             )
             for module, (in_features, out_features) in spec.module_shapes.items()

@@ -118,7 +118,8 @@ def _assert_stacks(adapter, spec: BaseModelSpec) -> None:
             weights = adapter.modules[(layer, module)]
             assert weights.lora_a.data_ptr() == stack.lora_a[layer].data_ptr()
             assert weights.lora_b.data_ptr() == stack.lora_b[layer].data_ptr()
-            assert weights.lora_a.is_contiguous() and weights.lora_b.is_contiguous()
+            # lora_b is PEFT's [out, r] as a view of the device buffers' [r, out] layout
+            assert weights.lora_a.is_contiguous() and weights.lora_b.t().is_contiguous()
 
 
 # --------------------------------------------------------------------------- what loads
