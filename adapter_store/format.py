@@ -42,6 +42,7 @@ from adapter_store.errors import (
     AdapterTooLarge,
     AdapterUnsupported,
 )
+from adapter_store.safetensors_views import FileChanged, SafetensorsViews
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -587,6 +588,8 @@ def load_adapter(
         raise AdapterInvalid(
             adapter_id, weights_path, f"not a valid safetensors file: {e}"
         ) from None
+    except FileChanged as e:
+        raise AdapterInvalid(adapter_id, weights_path, f"the file changed while it was read: {e}") from None
     except FileNotFoundError:  # removed since the exists() check
         raise AdapterNotFound(adapter_id, weights_path, f"missing {WEIGHTS_NAME}") from None
     except OSError as e:
@@ -660,7 +663,7 @@ def _read_weights(
                         "which target_modules targets"
                     )
 
-        # 2. Copy out and convert. get_tensor's tensors are views of the file's mapping;
+        # 2. Copy out and convert. The stored tensors are views of the file's mapping;
         #    the copies make the CPU tier own its memory, so a file overwritten in place
         #    never changes (or faults) a loaded adapter. Projections adapted in every layer
         #    with one rank go into one tensor per factor (StackedModuleWeights), and
@@ -686,16 +689,17 @@ def _read_weights(
         read: list[tuple[str, torch.Tensor]] = []  # (key, tensor in `dtype`), in read order
         sums: list[torch.Tensor] = []
         accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+        stored = SafetensorsViews(path)  # safe_open has validated the header
         for (layer, module), target in targets.items():
             pair = keys[(layer, module)]
             stack = stacks.get(module)
             if stack is None:
-                lora_a = f.get_tensor(pair["A"]).to(dtype, copy=True)  # [rank, in_features]
-                lora_b = f.get_tensor(pair["B"]).to(dtype, copy=True)  # [out_features, rank]
+                lora_a = stored.get(pair["A"]).to(dtype, copy=True)  # [rank, in_features]
+                lora_b = stored.get(pair["B"]).to(dtype, copy=True)  # [out_features, rank]
                 sums += (lora_a.sum(dtype=accumulate), lora_b.sum(dtype=accumulate))
             else:
-                lora_a = stack.lora_a[layer].copy_(f.get_tensor(pair["A"]))
-                lora_b = stack.lora_b[layer].copy_(f.get_tensor(pair["B"]))
+                lora_a = stack.lora_a[layer].copy_(stored.get(pair["A"]))
+                lora_b = stack.lora_b[layer].copy_(stored.get(pair["B"]))
             read += ((pair["A"], lora_a), (pair["B"], lora_b))
             modules[(layer, module)] = LoraModuleWeights(lora_a, lora_b, target.scaling)
         for stack in stacks.values():

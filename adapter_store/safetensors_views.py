@@ -1,0 +1,47 @@
+"""Zero-copy views of a safetensors file's tensors, at a few microseconds each.
+
+safe_open(...).get_tensor costs ~14 us a tensor in Python-level storage slicing; an
+adapter of a 30-layer model has 420 of them, a fifth of a cold load. Here the file is
+mapped once and each tensor is a slice of one uint8 tensor over the mapping. The header
+is read after safe_open has validated it (JSON, dtypes, offsets inside the file); a file
+replaced in between is caught by the size checks in `get` (FileChanged).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+class FileChanged(ValueError):
+    """The file no longer matches the header safe_open validated."""
+
+
+class SafetensorsViews:
+    """`get(key)`: the tensor as stored, a view of the file's (private, copy-on-write) mapping."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as file:
+            header_len = int.from_bytes(file.read(8), "little")
+            self._header = json.loads(file.read(header_len))
+            # ACCESS_COPY: writable for torch.frombuffer, never written, so never copied.
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._data_start = 8 + header_len
+        self._bytes = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` alive
+
+    def get(self, key: str) -> torch.Tensor:
+        entry = self._header.get(key)
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+            raise FileChanged(f"tensor {key!r} is missing or not a float tensor")
+        dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
+        begin, end = entry["data_offsets"]
+        start, stop = self._data_start + begin, self._data_start + end
+        if stop > self._bytes.numel() or stop - start != math.prod(shape) * dtype.itemsize:
+            raise FileChanged(f"tensor {key!r} does not fit the file")
+        return self._bytes[start:stop].view(dtype).view(shape)
