@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         free = shutil.disk_usage(tmp).free
