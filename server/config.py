@@ -34,7 +34,10 @@ class ModelConfig:
     device: str = "cpu"
     max_model_len: int | None = None  # None: the model's own context length
     lora_backend: str = "auto"  # auto | cpu | torch | triton
-    num_threads: int | None = None  # torch threads of the engine (None: torch's default)
+    # Threads of the engine thread's OpenMP/MKL team (None: torch's default), set by the
+    # server's AsyncEngine on its thread; OfflineEngine runs in the caller's thread, which
+    # keeps its own setting (torch.set_num_threads).
+    num_threads: int | None = None
     seed: int = 0  # of the sampler's default generator (requests without a seed)
 
     def __post_init__(self) -> None:
