@@ -25,6 +25,24 @@ from collections.abc import Sequence
 import torch
 
 
+def _zeroed_buffers(
+    leading: tuple[int, ...],
+    max_slots: int,
+    max_rank: int,
+    in_features: int,
+    out_features: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lora_a [*leading, slots, max_rank, in], lora_b [*leading, slots, max_rank, out],
+    ranks int32 [*leading, slots]), all zero: every slot starts empty (rank 0)."""
+    return (
+        torch.zeros(*leading, max_slots, max_rank, in_features, dtype=dtype, device=device),
+        torch.zeros(*leading, max_slots, max_rank, out_features, dtype=dtype, device=device),
+        torch.zeros(*leading, max_slots, dtype=torch.int32, device=device),
+    )
+
+
 class LoraModuleBuffers:
     def __init__(
         self,
@@ -43,9 +61,9 @@ class LoraModuleBuffers:
         self.out_features = out_features
         self.stack = stack  # the stack these buffers are layer `layer` of, or None
         if stack is None:
-            self.lora_a = torch.zeros(max_slots, max_rank, in_features, dtype=dtype, device=device)
-            self.lora_b = torch.zeros(max_slots, max_rank, out_features, dtype=dtype, device=device)
-            self.ranks = torch.zeros(max_slots, dtype=torch.int32, device=device)
+            self.lora_a, self.lora_b, self.ranks = _zeroed_buffers(
+                (), max_slots, max_rank, in_features, out_features, dtype, device
+            )
         else:
             self.lora_a, self.lora_b, self.ranks = stack.lora_a[layer], stack.lora_b[layer], stack.ranks[layer]
         # Host mirror of `ranks`, read by CPU loops without touching device memory.
@@ -121,9 +139,9 @@ class LoraModuleStack:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        self.lora_a = torch.zeros(num_layers, max_slots, max_rank, in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(num_layers, max_slots, max_rank, out_features, dtype=dtype, device=device)
-        self.ranks = torch.zeros(num_layers, max_slots, dtype=torch.int32, device=device)
+        self.lora_a, self.lora_b, self.ranks = _zeroed_buffers(
+            (num_layers,), max_slots, max_rank, in_features, out_features, dtype, device
+        )
         self.layers: tuple[LoraModuleBuffers, ...] = tuple(
             LoraModuleBuffers(max_slots, max_rank, in_features, out_features, dtype, device, self, i)
             for i in range(num_layers)
