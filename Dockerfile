@@ -10,7 +10,7 @@ ENV LORAMUX_HOME=/var/lib/loramux PIP_NO_CACHE_DIR=1
 
 # torch first, pinned, from the CPU index: an unpinned torch pulls a CUDA build of several GB.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY server server
 COPY scheduler scheduler
 COPY adapter_store adapter_store

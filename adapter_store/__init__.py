@@ -3,14 +3,14 @@
 Imports point one way: this package never imports `server/`.
 """
 
-from adapter_store.errors import (
+from loramux.adapter_store.errors import (
     AdapterError,
     AdapterInvalid,
     AdapterNotFound,
     AdapterTooLarge,
     AdapterUnsupported,
 )
-from adapter_store.format import (
+from loramux.adapter_store.format import (
     BaseModelSpec,
     LoraAdapter,
     LoraAdapterConfig,
@@ -20,7 +20,7 @@ from adapter_store.format import (
     read_adapter_config,
     resolve_targets,
 )
-from adapter_store.store import AdapterInfo, AdapterStatus, AdapterStore, AdapterStoreConfig
+from loramux.adapter_store.store import AdapterInfo, AdapterStatus, AdapterStore, AdapterStoreConfig
 
 __all__ = [
     "AdapterError",

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_store.eviction import POLICIES
-from adapter_store.ids import check_adapter_id
+from loramux.adapter_store.eviction import POLICIES
+from loramux.adapter_store.ids import check_adapter_id
 
 
 class AdapterStoreConfigError(ValueError):

@@ -8,8 +8,8 @@ Not thread-safe on its own: the store calls it under its lock.
 
 from __future__ import annotations
 
-from adapter_store.eviction import EvictionPolicy
-from adapter_store.format import LoraAdapter
+from loramux.adapter_store.eviction import EvictionPolicy
+from loramux.adapter_store.format import LoraAdapter
 
 CacheKey = tuple[str, int]  # (adapter_id, version)
 

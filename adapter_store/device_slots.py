@@ -15,8 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
-from adapter_store.format import BaseModelSpec, LoraAdapter
-from kernels.buffers import LoraModuleBuffers, LoraModuleStack
+from loramux.adapter_store.format import BaseModelSpec, LoraAdapter
+from loramux.kernels.buffers import LoraModuleBuffers, LoraModuleStack
 
 
 def write_adapter_to_slot(

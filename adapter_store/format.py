@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from adapter_store.errors import (
+from loramux.adapter_store.errors import (
     AdapterInvalid,
     AdapterNotFound,
     AdapterTooLarge,
     AdapterUnsupported,
 )
-from adapter_store.safetensors_views import FileChanged, SafetensorsViews
+from loramux.adapter_store.safetensors_views import FileChanged, SafetensorsViews
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

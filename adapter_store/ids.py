@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from adapter_store.errors import InvalidAdapterId
+from loramux.adapter_store.errors import InvalidAdapterId
 
 MAX_ADAPTER_ID_LEN = 128
 # A leading alphanumeric rules out "", ".", "..", ".hidden" and "-option"; no "/" or "\".

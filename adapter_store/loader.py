@@ -17,10 +17,10 @@ from typing import Protocol
 
 import torch
 
-from adapter_store.device_slots import write_adapter_to_slot
-from adapter_store.format import BaseModelSpec, LoraAdapter
-from kernels.buffers import LoraModuleBuffers
-from kernels.openmp import set_thread_openmp_threads
+from loramux.adapter_store.device_slots import write_adapter_to_slot
+from loramux.adapter_store.format import BaseModelSpec, LoraAdapter
+from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.openmp import set_thread_openmp_threads
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from adapter_store.registry import AdapterEntry
+from loramux.adapter_store.registry import AdapterEntry
 
 
 class AdapterStatus(enum.StrEnum):

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from adapter_store.errors import (
+from loramux.adapter_store.errors import (
     AdapterError,
     AdapterNotFound,
     AdapterTooLarge,
     AdapterUnsupported,
 )
-from adapter_store.format import (
+from loramux.adapter_store.format import (
     CONFIG_NAME,
     PICKLED_WEIGHTS_NAME,
     WEIGHTS_NAME,
@@ -36,7 +36,7 @@ from adapter_store.format import (
     read_adapter_config,
     resolve_targets,
 )
-from adapter_store.ids import is_valid_adapter_id
+from loramux.adapter_store.ids import is_valid_adapter_id
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from adapter_store.eviction import EvictionPolicy
+from loramux.adapter_store.eviction import EvictionPolicy
 
 O = TypeVar("O")  # noqa: E741 - the owner type, opaque here (the store's registry entry)
 

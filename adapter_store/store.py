@@ -43,32 +43,32 @@ from pathlib import Path
 
 import torch
 
-from adapter_store.config import AdapterStoreConfig, AdapterStoreConfigError
-from adapter_store.cpu_cache import CpuCache
-from adapter_store.device_slots import check_buffers
-from adapter_store.errors import (
+from loramux.adapter_store.config import AdapterStoreConfig, AdapterStoreConfigError
+from loramux.adapter_store.cpu_cache import CpuCache
+from loramux.adapter_store.device_slots import check_buffers
+from loramux.adapter_store.errors import (
     AdapterError,
     AdapterNotFound,
     InvalidAdapterId,
     PinLimitExceeded,
     UploadsDisabled,
 )
-from adapter_store.eviction import make_policy
-from adapter_store.format import BaseModelSpec, LoraAdapter, load_adapter
-from adapter_store.ids import check_adapter_id
-from adapter_store.loader import LoaderThread, LoadFn, SlotWriter
-from adapter_store.records import AdapterInfo, AdapterStatus, adapter_info  # noqa: F401
-from adapter_store.registry import (
+from loramux.adapter_store.eviction import make_policy
+from loramux.adapter_store.format import BaseModelSpec, LoraAdapter, load_adapter
+from loramux.adapter_store.ids import check_adapter_id
+from loramux.adapter_store.loader import LoaderThread, LoadFn, SlotWriter
+from loramux.adapter_store.records import AdapterInfo, AdapterStatus, adapter_info  # noqa: F401
+from loramux.adapter_store.registry import (
     AdapterDescription,
     AdapterEntry,
     Describer,
     Registry,
     scan_adapter_dir,
 )
-from adapter_store.slots import SlotTable
-from adapter_store.stats import Counters, LoadEvent, StoreStats
-from adapter_store.uploads import UploadArea
-from kernels.buffers import LoraModuleBuffers
+from loramux.adapter_store.slots import SlotTable
+from loramux.adapter_store.stats import Counters, LoadEvent, StoreStats
+from loramux.adapter_store.uploads import UploadArea
+from loramux.kernels.buffers import LoraModuleBuffers
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from adapter_store.errors import AdapterNotFound, AdapterUnsupported, UploadTooLarge
-from adapter_store.format import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
-from adapter_store.ids import check_adapter_id, is_valid_adapter_id
+from loramux.adapter_store.errors import AdapterNotFound, AdapterUnsupported, UploadTooLarge
+from loramux.adapter_store.format import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
+from loramux.adapter_store.ids import check_adapter_id, is_valid_adapter_id
 
 log = logging.getLogger(__name__)
 

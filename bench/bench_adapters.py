@@ -59,18 +59,18 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapter_store.config import AdapterStoreConfig
-from adapter_store.format import CONFIG_NAME, WEIGHTS_NAME
-from adapter_store.stats import LoadEvent
-from adapter_store.store import AdapterStore
+from loramux.adapter_store.config import AdapterStoreConfig
+from loramux.adapter_store.format import CONFIG_NAME, WEIGHTS_NAME
+from loramux.adapter_store.stats import LoadEvent
+from loramux.adapter_store.store import AdapterStore
 from bench.common import TOPICS, median_min_max, timed, write_result
-from kernels.backend import select_backend
-from scheduler.sampling_params import SamplingParams
-from server.builder import EngineParts, build_engine
-from server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig
-from server.model_fetch import default_model_dir
-from server.models.loader import load_model
-from server.offline import OfflineEngine, OfflineRequest
+from loramux.kernels.backend import select_backend
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.builder import EngineParts, build_engine
+from loramux.server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig
+from loramux.server.model_fetch import default_model_dir
+from loramux.server.models.loader import load_model
+from loramux.server.offline import OfflineEngine, OfflineRequest
 from tests.peft_adapters import AdapterRecipe, make_peft_adapter
 
 RANK, SLOTS, NUM_ADAPTERS = 16, 16, 1000

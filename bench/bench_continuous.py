@@ -19,9 +19,9 @@ import torch
 from transformers import AutoTokenizer
 
 from bench.common import bench_engine_parts, chat_prompts, make_bench_adapters, median_min_max, timed, write_result
-from scheduler.sampling_params import SamplingParams
-from server.model_fetch import default_model_dir
-from server.offline import OfflineEngine, OfflineRequest
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.model_fetch import default_model_dir
+from loramux.server.offline import OfflineEngine, OfflineRequest
 
 NUM_REQUESTS, NUM_ADAPTERS, STATIC_BATCH = 64, 16, 16
 MIN_NEW, MAX_NEW = 16, 256

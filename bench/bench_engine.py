@@ -20,9 +20,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import bench_engine_parts, chat_prompts, make_bench_adapters, median_min_max, timed, write_result
-from scheduler.sampling_params import SamplingParams
-from server.model_fetch import default_model_dir
-from server.offline import OfflineEngine, OfflineRequest
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.model_fetch import default_model_dir
+from loramux.server.offline import OfflineEngine, OfflineRequest
 
 NUM_REQUESTS, NEW_TOKENS, RUNS = 16, 64, 3
 RANKS = (8, 16, 32, 8, 16, 32, 8, 16)

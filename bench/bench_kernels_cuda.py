@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from kernels.buffers import LoraModuleBuffers  # noqa: E402
-from kernels.metadata import LoraBatchInfo, build_lora_batch_info  # noqa: E402
-from kernels.torch_backend import TorchLoraBackend  # noqa: E402
+from loramux.kernels.buffers import LoraModuleBuffers  # noqa: E402
+from loramux.kernels.metadata import LoraBatchInfo, build_lora_batch_info  # noqa: E402
+from loramux.kernels.torch_backend import TorchLoraBackend  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HIDDEN = 4096
@@ -202,12 +202,12 @@ def sweep_configs(kernel: str, table, KernelConfig):
 
 
 def bench_scenario(s: Scenario, module: str, dtype, timer, sweep: bool, device=None) -> dict:
-    from kernels.triton.bgmv_expand import bgmv_expand
-    from kernels.triton.bgmv_shrink import bgmv_shrink
-    from kernels.triton.common import KernelConfig, LoraSliceTable, SgmvTiles
-    from kernels.triton.sgmv_expand import sgmv_expand
-    from kernels.triton.sgmv_shrink import sgmv_shrink
-    from kernels.triton_backend import TritonLoraBackend
+    from loramux.kernels.triton.bgmv_expand import bgmv_expand
+    from loramux.kernels.triton.bgmv_shrink import bgmv_shrink
+    from loramux.kernels.triton.common import KernelConfig, LoraSliceTable, SgmvTiles
+    from loramux.kernels.triton.sgmv_expand import sgmv_expand
+    from loramux.kernels.triton.sgmv_shrink import sgmv_shrink
+    from loramux.kernels.triton_backend import TritonLoraBackend
 
     device = torch.device("cuda") if device is None else device
     info = make_batch(s, device)

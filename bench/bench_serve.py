@@ -29,9 +29,9 @@ import torch
 from transformers import AutoTokenizer
 
 from bench.common import TOPICS, bench_engine_parts, make_bench_adapters, timed, write_result
-from scheduler.sampling_params import SamplingParams
-from server.model_fetch import default_model_dir
-from server.offline import OfflineEngine, OfflineRequest
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.model_fetch import default_model_dir
+from loramux.server.offline import OfflineEngine, OfflineRequest
 
 NUM_CLIENTS, NUM_ADAPTERS, NEW_TOKENS = 32, 8, 64
 SERVER_ARGS = ["--max-loras", "8", "--max-lora-rank", "16", "--max-num-seqs", "64", "--kv-cache-bytes", "1G",
@@ -115,7 +115,7 @@ async def drive(base_url: str, adapters: list[str], seconds: float) -> tuple[Cli
 def start_server(model_dir: Path, adapter_dir: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--served-model-name", "base",
+        [sys.executable, "-m", "loramux.server.cli", "serve", "--model", str(model_dir), "--served-model-name", "base",
          "--adapter-dir", str(adapter_dir), "--upload-dir", str(adapter_dir.parent / "uploads"),
          "--port", str(port), *SERVER_ARGS],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,

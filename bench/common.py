@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from server.model_fetch import default_model_dir
+from loramux.server.model_fetch import default_model_dir
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -81,9 +81,9 @@ def make_bench_adapters(model_dir: Path, out: Path, prefix: str, ranks, seed: in
 def bench_engine_parts(model_dir: Path, adapter_dir: Path, max_loras: int, max_lora_rank: int,
                        max_num_seqs: int = 64, kv_cache_bytes: int = 1 << 30):
     """A full engine (fp32, 2 threads, max_model_len 1024) serving the adapters in `adapter_dir`."""
-    from adapter_store.config import AdapterStoreConfig
-    from server.builder import build_engine
-    from server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig, SchedulingConfig
+    from loramux.adapter_store.config import AdapterStoreConfig
+    from loramux.server.builder import build_engine
+    from loramux.server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig, SchedulingConfig
 
     return build_engine(LoramuxConfig(
         model=ModelConfig(model_dir=model_dir, served_model_name="base", max_model_len=1024, num_threads=2),

@@ -3,8 +3,8 @@
 Needs only httpx: nothing here imports the server, torch, or the other rooms.
 """
 
-from clients.client import DEFAULT_URL, AsyncClient, Client
-from clients.errors import (
+from loramux.clients.client import DEFAULT_URL, AsyncClient, Client
+from loramux.clients.errors import (
     APIConnectionError,
     AuthenticationError,
     InvalidAdapterPath,
@@ -14,7 +14,7 @@ from clients.errors import (
     ServerError,
     ValidationError,
 )
-from clients.types import (
+from loramux.clients.types import (
     AdapterInfo,
     ChatDelta,
     ChatResult,

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
-from clients.client import DEFAULT_URL, Client
-from clients.errors import LoramuxError
-from clients.types import AdapterInfo
+from loramux.clients.client import DEFAULT_URL, Client
+from loramux.clients.errors import LoramuxError
+from loramux.clients.types import AdapterInfo
 
 Handler = Callable[[argparse.Namespace], int]
 

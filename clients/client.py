@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 import httpx
 
-from clients import operations as ops
-from clients.operations import Call, StreamCall, connection_error
-from clients.types import AdapterInfo, ChatDelta, ChatResult, GenerateResult, ModelInfo, StreamEvent
+from loramux.clients import operations as ops
+from loramux.clients.operations import Call, StreamCall, connection_error
+from loramux.clients.types import AdapterInfo, ChatDelta, ChatResult, GenerateResult, ModelInfo, StreamEvent
 
 T = TypeVar("T")
 

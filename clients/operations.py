@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import httpx
 
-from clients.errors import (
+from loramux.clients.errors import (
     APIConnectionError,
     InvalidAdapterPath,
     LoramuxError,
@@ -24,8 +24,8 @@ from clients.errors import (
     error_from_event,
     error_from_response,
 )
-from clients.sse import SSEDecoder
-from clients.types import (
+from loramux.clients.sse import SSEDecoder
+from loramux.clients.types import (
     AdapterInfo,
     ChatDelta,
     ChatResult,

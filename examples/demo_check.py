@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from clients import Client
+from loramux.clients import Client
 from examples.behaviours import BEHAVIOURS, shows
 from examples.questions import held_out_questions
 
@@ -46,7 +46,7 @@ def start_server(adapter_dir: Path, workdir: Path, threads: int) -> tuple[subpro
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "loramux.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--adapter-dir", str(adapter_dir), "--upload-dir", str(workdir / "uploads"),
              "--threads", str(threads), "--log-level", "warning"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -230,8 +230,8 @@ def fallback(behaviour: str, plain: str) -> str | None:
 
 
 def build_generator(model_dir: Path, threads: int):
-    from server.builder import build_engine
-    from server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig, SchedulingConfig
+    from loramux.server.builder import build_engine
+    from loramux.server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig, SchedulingConfig
 
     config = LoramuxConfig(
         model=ModelConfig(model_dir=model_dir, served_model_name="base", max_model_len=512, num_threads=threads),
@@ -260,9 +260,9 @@ def run_requests(engine, requests, chunk: int, label: str) -> list:
 
 def generate_data(model_dir: Path, questions: list[str], settings: Settings) -> tuple[dict, list[dict], dict]:
     """-> ({behaviour: records}, plain records, timing)."""
-    from scheduler.request import FinishReason
-    from scheduler.sampling_params import SamplingParams
-    from server.offline import OfflineEngine, OfflineRequest
+    from loramux.scheduler.request import FinishReason
+    from loramux.scheduler.sampling_params import SamplingParams
+    from loramux.server.offline import OfflineEngine, OfflineRequest
 
     parts = build_generator(model_dir, settings.threads)
     tokenizer = parts.tokenizer
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from server.model_fetch import default_model_dir, fetch_default_model, is_complete
+    from loramux.server.model_fetch import default_model_dir, fetch_default_model, is_complete
 
     settings = QUICK if args.quick else Settings()
     if args.steps:

@@ -11,8 +11,8 @@ from typing import Protocol
 
 import torch
 
-from kernels.buffers import LoraModuleBuffers
-from kernels.metadata import LoraBatchInfo
+from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.metadata import LoraBatchInfo
 
 
 class LoraBackend(Protocol):
@@ -38,15 +38,15 @@ def select_backend(
     if name == "auto":
         name = "triton" if device.type == "cuda" else "cpu"
     if name == "torch":
-        from kernels.torch_backend import TorchLoraBackend
+        from loramux.kernels.torch_backend import TorchLoraBackend
 
         return TorchLoraBackend()
     if name == "cpu":
-        from kernels.cpu_backend import CpuLoraBackend
+        from loramux.kernels.cpu_backend import CpuLoraBackend
 
         return CpuLoraBackend.create(dtype=dtype, cache_dir=cache_dir)
     if name == "triton":
-        from kernels.triton_backend import TritonLoraBackend  # CUDA only; never imported on CPU
+        from loramux.kernels.triton_backend import TritonLoraBackend  # CUDA only; never imported on CPU
 
         return TritonLoraBackend()
     raise ValueError(f"unknown LoRA backend {name!r}: expected auto, torch, cpu or triton")

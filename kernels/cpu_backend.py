@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from kernels.buffers import LoraModuleBuffers
-from kernels.cpu_build import KernelBuildError, load_kernel_library
-from kernels.metadata import NO_ADAPTER, LoraBatchInfo
-from kernels.torch_backend import TorchLoraBackend, add_lora_segments
+from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.cpu_build import KernelBuildError, load_kernel_library
+from loramux.kernels.metadata import NO_ADAPTER, LoraBatchInfo
+from loramux.kernels.torch_backend import TorchLoraBackend, add_lora_segments
 
 logger = logging.getLogger(__name__)
 

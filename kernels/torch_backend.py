@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.buffers import LoraModuleBuffers
-from kernels.metadata import NO_ADAPTER, LoraBatchInfo
+from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.metadata import NO_ADAPTER, LoraBatchInfo
 
 
 def add_lora_segments(

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.buffers import LoraModuleBuffers
-from kernels.metadata import LoraBatchInfo
-from kernels.triton.bgmv_expand import bgmv_expand
-from kernels.triton.bgmv_shrink import bgmv_shrink
-from kernels.triton.common import LoraSliceTable, SgmvTiles
-from kernels.triton.sgmv_expand import sgmv_expand
-from kernels.triton.sgmv_shrink import sgmv_shrink
+from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.metadata import LoraBatchInfo
+from loramux.kernels.triton.bgmv_expand import bgmv_expand
+from loramux.kernels.triton.bgmv_shrink import bgmv_shrink
+from loramux.kernels.triton.common import LoraSliceTable, SgmvTiles
+from loramux.kernels.triton.sgmv_expand import sgmv_expand
+from loramux.kernels.triton.sgmv_shrink import sgmv_shrink
 
 # Steps whose longest segment has at most this many tokens go through BGMV.
 BGMV_MAX_SEG_LEN = 4

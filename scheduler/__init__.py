@@ -3,13 +3,13 @@
 Pure Python: this package never imports torch, the runner or the kernels.
 """
 
-from scheduler.config import SchedulerConfig, SchedulerConfigError
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.output import ModelRunnerOutput, RequestDelta, SchedulerOutput, TokenLogprobs
-from scheduler.request import BASE_SLOT, FinishReason, Request, RequestStatus
-from scheduler.residency import AdapterResidency
-from scheduler.sampling_params import InvalidSamplingParams, SamplingParams
-from scheduler.scheduler import DuplicateRequestId, PromptTooLong, Scheduler
+from loramux.scheduler.config import SchedulerConfig, SchedulerConfigError
+from loramux.scheduler.kv_cache_manager import KVCacheManager
+from loramux.scheduler.output import ModelRunnerOutput, RequestDelta, SchedulerOutput, TokenLogprobs
+from loramux.scheduler.request import BASE_SLOT, FinishReason, Request, RequestStatus
+from loramux.scheduler.residency import AdapterResidency
+from loramux.scheduler.sampling_params import InvalidSamplingParams, SamplingParams
+from loramux.scheduler.scheduler import DuplicateRequestId, PromptTooLong, Scheduler
 
 __all__ = [
     "BASE_SLOT",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from scheduler.request import Request
+from loramux.scheduler.request import Request
 
 
 class KVCacheManager:

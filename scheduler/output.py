@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.request import FinishReason, Request
+from loramux.scheduler.request import FinishReason, Request
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from scheduler.sampling_params import SamplingParams
+from loramux.scheduler.sampling_params import SamplingParams
 
 BASE_SLOT = -1  # adapter slot of requests that use the base model alone
 

@@ -48,12 +48,12 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from scheduler.config import SchedulerConfig, SchedulerConfigError
-from scheduler.kv_cache_manager import KVCacheManager
-from scheduler.output import ModelRunnerOutput, RequestDelta, SchedulerOutput, TokenLogprobs
-from scheduler.request import BASE_SLOT, FinishReason, Request, RequestStatus
-from scheduler.residency import AdapterResidency
-from scheduler.stop import check_stop
+from loramux.scheduler.config import SchedulerConfig, SchedulerConfigError
+from loramux.scheduler.kv_cache_manager import KVCacheManager
+from loramux.scheduler.output import ModelRunnerOutput, RequestDelta, SchedulerOutput, TokenLogprobs
+from loramux.scheduler.request import BASE_SLOT, FinishReason, Request, RequestStatus
+from loramux.scheduler.residency import AdapterResidency
+from loramux.scheduler.stop import check_stop
 
 
 class PromptTooLong(ValueError):

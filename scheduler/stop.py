@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler.config import SchedulerConfig
-from scheduler.request import FinishReason, Request
+from loramux.scheduler.config import SchedulerConfig
+from loramux.scheduler.request import FinishReason, Request
 
 
 @dataclass(frozen=True)

@@ -9,18 +9,18 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from adapter_store.format import load_adapter
-from adapter_store.loader import LoadFn
-from adapter_store.store import AdapterStore
-from kernels.backend import select_backend
-from kernels.cpu_build import default_cache_dir
-from scheduler.config import SchedulerConfig
-from scheduler.scheduler import Scheduler
-from server.config import ConfigError, LoramuxConfig
-from server.engine_core import EngineCore
-from server.models.llama import LlamaModel
-from server.models.loader import load_model
-from server.runner.model_runner import ModelRunner, kv_bytes_per_block
+from loramux.adapter_store.format import load_adapter
+from loramux.adapter_store.loader import LoadFn
+from loramux.adapter_store.store import AdapterStore
+from loramux.kernels.backend import select_backend
+from loramux.kernels.cpu_build import default_cache_dir
+from loramux.scheduler.config import SchedulerConfig
+from loramux.scheduler.scheduler import Scheduler
+from loramux.server.config import ConfigError, LoramuxConfig
+from loramux.server.engine_core import EngineCore
+from loramux.server.models.llama import LlamaModel
+from loramux.server.models.loader import load_model
+from loramux.server.runner.model_runner import ModelRunner, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
-    from server.model_fetch import fetch_default_model
+    from loramux.server.model_fetch import fetch_default_model
 
     fetch_default_model(Path(args.target) if args.target else None, force=args.force)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.serve import serve
+    from loramux.server.serve import serve
 
     return serve(args)
 
@@ -29,13 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="fetch again even if present")
     fetch.set_defaults(handler=_fetch_model)
 
-    from server.serve import add_serve_arguments
+    from loramux.server.serve import add_serve_arguments
 
     serve = commands.add_parser("serve", help="start the HTTP server (default: the default model on 127.0.0.1:8000)")
     add_serve_arguments(serve)
     serve.set_defaults(handler=_serve)
 
-    from clients.cli import add_client_commands  # httpx only: these commands never load torch
+    from loramux.clients.cli import add_client_commands  # httpx only: these commands never load torch
 
     add_client_commands(commands)
     return parser

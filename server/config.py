@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from adapter_store.config import AdapterStoreConfig
+from loramux.adapter_store.config import AdapterStoreConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

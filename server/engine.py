@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.openmp import set_thread_openmp_threads
-from scheduler.sampling_params import SamplingParams
-from server.engine_core import EngineCore
-from server.outputs import RequestOutput
+from loramux.kernels.openmp import set_thread_openmp_threads
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.engine_core import EngineCore
+from loramux.server.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 

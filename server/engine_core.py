@@ -11,13 +11,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-from scheduler.output import ModelRunnerOutput, RequestDelta
-from scheduler.request import FinishReason, Request
-from scheduler.sampling_params import SamplingParams
-from scheduler.scheduler import Scheduler
-from server.detokenizer import IncrementalDetokenizer
-from server.outputs import RequestOutput
-from server.runner.model_runner import ModelRunner
+from loramux.scheduler.output import ModelRunnerOutput, RequestDelta
+from loramux.scheduler.request import FinishReason, Request
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.scheduler.scheduler import Scheduler
+from loramux.server.detokenizer import IncrementalDetokenizer
+from loramux.server.outputs import RequestOutput
+from loramux.server.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

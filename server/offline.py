@@ -6,9 +6,9 @@ import itertools
 import time
 from dataclasses import dataclass
 
-from scheduler.sampling_params import SamplingParams
-from server.engine_core import EngineCore
-from server.outputs import CompletedRequest
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.engine_core import EngineCore
+from loramux.server.outputs import CompletedRequest
 
 # How long a step that scheduled nothing (every request waits for its adapter to load)
 # sleeps before the next: spinning would take the CPU and the GIL from the loader thread.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.output import TokenLogprobs
-from scheduler.request import FinishReason
+from loramux.scheduler.output import TokenLogprobs
+from loramux.scheduler.request import FinishReason
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from server.model_fetch import default_model_dir, fetch_default_model, is_complete, loramux_home
+from loramux.server.model_fetch import default_model_dir, fetch_default_model, is_complete, loramux_home
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -70,8 +70,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """-> LoramuxConfig (imports the heavy modules only when serving)."""
-    from adapter_store.config import AdapterStoreConfig
-    from server.config import (
+    from loramux.adapter_store.config import AdapterStoreConfig
+    from loramux.server.config import (
         CacheConfig,
         LoramuxConfig,
         LoraSlotsConfig,
@@ -128,7 +128,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def configure_logging(level: str) -> None:
-    from server.api.context import RequestIdLogFilter
+    from loramux.server.api.context import RequestIdLogFilter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
@@ -142,10 +142,10 @@ def serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from kernels.openmp import set_thread_openmp_threads
-    from server.api.app import create_app
-    from server.builder import build_engine
-    from server.metrics import ServerMetrics
+    from loramux.kernels.openmp import set_thread_openmp_threads
+    from loramux.server.api.app import create_app
+    from loramux.server.builder import build_engine
+    from loramux.server.metrics import ServerMetrics
 
     configure_logging(args.log_level)
     config = config_from_args(args)

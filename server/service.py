@@ -12,14 +12,14 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from adapter_store.errors import AdapterError, InvalidAdapterId
-from adapter_store.store import AdapterStatus
-from scheduler.request import FinishReason
-from scheduler.sampling_params import InvalidSamplingParams, SamplingParams
-from server.builder import EngineParts
-from server.engine import AsyncEngine, EngineDead
-from server.metrics import ServerMetrics
-from server.outputs import RequestOutput
+from loramux.adapter_store.errors import AdapterError, InvalidAdapterId
+from loramux.adapter_store.store import AdapterStatus
+from loramux.scheduler.request import FinishReason
+from loramux.scheduler.sampling_params import InvalidSamplingParams, SamplingParams
+from loramux.server.builder import EngineParts
+from loramux.server.engine import AsyncEngine, EngineDead
+from loramux.server.metrics import ServerMetrics
+from loramux.server.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 

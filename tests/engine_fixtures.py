@@ -8,15 +8,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adapter_store.device_slots import write_adapter_to_slot
-from adapter_store.format import load_adapter
-from kernels.backend import select_backend
-from scheduler.config import SchedulerConfig
-from scheduler.scheduler import Scheduler
-from server.engine_core import EngineCore
-from server.model_fetch import default_model_dir, is_complete
-from server.models.loader import load_model
-from server.runner.model_runner import ModelRunner
+from loramux.adapter_store.device_slots import write_adapter_to_slot
+from loramux.adapter_store.format import load_adapter
+from loramux.kernels.backend import select_backend
+from loramux.scheduler.config import SchedulerConfig
+from loramux.scheduler.scheduler import Scheduler
+from loramux.server.engine_core import EngineCore
+from loramux.server.model_fetch import default_model_dir, is_complete
+from loramux.server.models.loader import load_model
+from loramux.server.runner.model_runner import ModelRunner
 from tests.tiny_models import save_tiny_model
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from server.model_fetch import default_model_dir
+from loramux.server.model_fetch import default_model_dir
 from tests.e2e.conftest import start_server, stop_server
 
 pytestmark = pytest.mark.model
@@ -105,7 +105,7 @@ def shell_env(readme_server, tmp_path_factory):
     """$PATH with a `loramux` that runs this interpreter's server.cli; $LORAMUX_URL."""
     bin_dir = tmp_path_factory.mktemp("readme-bin")
     shim = bin_dir / "loramux"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m server.cli "$@"\n')
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m loramux.server.cli "$@"\n')
     shim.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LORAMUX_URL": readme_server.url,
             "PYTHONPATH": str(REPO)}

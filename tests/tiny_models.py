@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from scheduler.output import SchedulerOutput
-from scheduler.request import Request
+from loramux.scheduler.output import SchedulerOutput
+from loramux.scheduler.request import Request
 
 TINY = dict(
     hidden_size=64,

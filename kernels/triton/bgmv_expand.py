@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.common import (
+from loramux.kernels.triton.common import (
     META_B_PTR,
     META_B_ROW_STRIDE,
     META_B_SLOT_STRIDE,

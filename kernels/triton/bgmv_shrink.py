@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.common import (
+from loramux.kernels.triton.common import (
     META_A_PTR,
     META_A_SLOT_STRIDE,
     META_FIELDS,

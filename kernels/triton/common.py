@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
-from kernels.buffers import LoraModuleBuffers
-from kernels.metadata import NO_ADAPTER, LoraBatchInfo
+from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.metadata import NO_ADAPTER, LoraBatchInfo
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

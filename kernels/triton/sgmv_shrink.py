@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.metadata import LoraBatchInfo
-from kernels.triton.common import (
+from loramux.kernels.metadata import LoraBatchInfo
+from loramux.kernels.triton.common import (
     META_A_PTR,
     META_A_SLOT_STRIDE,
     META_FIELDS,

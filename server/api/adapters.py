@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 
-from adapter_store.errors import (
+from loramux.adapter_store.errors import (
     AdapterError,
     AdapterNotFound,
     InvalidAdapterId,
@@ -22,13 +22,13 @@ from adapter_store.errors import (
     UploadsDisabled,
     UploadTooLarge,
 )
-from adapter_store.store import AdapterInfo
-from kernels.openmp import set_thread_openmp_threads
-from server.api.archives import CONFIG_NAME, WEIGHTS_NAME, ArchiveError, extract_adapter_files
-from server.api.auth import check_admin_key
-from server.api.context import get_service
-from server.api.openai import openai_error_response
-from server.service import GenerationService, InvalidRequest, ServiceError, UnknownAdapter
+from loramux.adapter_store.store import AdapterInfo
+from loramux.kernels.openmp import set_thread_openmp_threads
+from loramux.server.api.archives import CONFIG_NAME, WEIGHTS_NAME, ArchiveError, extract_adapter_files
+from loramux.server.api.auth import check_admin_key
+from loramux.server.api.context import get_service
+from loramux.server.api.openai import openai_error_response
+from loramux.server.service import GenerationService, InvalidRequest, ServiceError, UnknownAdapter
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_admin_key)])
 

@@ -11,21 +11,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api import adapters, openai, tgi
-from server.api.auth import AuthError
-from server.api.context import (
+from loramux.server.api import adapters, openai, tgi
+from loramux.server.api.auth import AuthError
+from loramux.server.api.context import (
     REQUEST_ID_HEADER,
     ClientDisconnected,
     new_request_id,
     reset_request_id,
     set_request_id,
 )
-from server.api.openai import OpenAIError, openai_error_response
-from server.api.tgi import TgiError, tgi_error_response
-from server.builder import EngineParts
-from server.engine import AsyncEngine
-from server.metrics import ServerMetrics
-from server.service import GenerationService, InvalidRequest
+from loramux.server.api.openai import OpenAIError, openai_error_response
+from loramux.server.api.tgi import TgiError, tgi_error_response
+from loramux.server.builder import EngineParts
+from loramux.server.engine import AsyncEngine
+from loramux.server.metrics import ServerMetrics
+from loramux.server.service import GenerationService, InvalidRequest
 
 logger = logging.getLogger("loramux.http")
 VERSION = "0.1.0"

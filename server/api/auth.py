@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from server.config import ServerConfig
+from loramux.server.config import ServerConfig
 
 
 class AuthError(Exception):

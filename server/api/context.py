@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from server.service import GenerationService
+from loramux.server.service import GenerationService
 
 T = TypeVar("T")
 REQUEST_ID_HEADER = "X-Request-Id"

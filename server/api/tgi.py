@@ -13,13 +13,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from scheduler.output import TokenLogprobs
-from scheduler.request import FinishReason
-from server.api.auth import check_api_key
-from server.api.context import cancel_on_disconnect, current_request_id, get_service
-from server.api.sse import sse_event, sse_response
-from server.outputs import RequestOutput
-from server.service import Generation, GenerationService, InvalidRequest, ServiceError
+from loramux.scheduler.output import TokenLogprobs
+from loramux.scheduler.request import FinishReason
+from loramux.server.api.auth import check_api_key
+from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
+from loramux.server.api.sse import sse_event, sse_response
+from loramux.server.outputs import RequestOutput
+from loramux.server.service import Generation, GenerationService, InvalidRequest, ServiceError
 
 router = APIRouter()
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from kernels.backend import LoraBackend
-from kernels.buffers import LoraModuleBuffers
-from kernels.metadata import LoraBatchInfo
-from server.models.spec import ModelSpec
-from server.runner.attention import AttentionMetadata, paged_attention
+from loramux.kernels.backend import LoraBackend
+from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.metadata import LoraBatchInfo
+from loramux.server.models.spec import ModelSpec
+from loramux.server.runner.attention import AttentionMetadata, paged_attention
 
 
 @dataclass

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kernels.backend import LoraBackend
-from kernels.buffers import LoraModuleBuffers, LoraModuleStack
-from server.models.llama import LayerLora, LayerWeights, LlamaModel, ModelWeights
-from server.models.spec import ModelSpec, ModelUnsupported, load_hf_config, model_spec_from_config, rope_tables
+from loramux.kernels.backend import LoraBackend
+from loramux.kernels.buffers import LoraModuleBuffers, LoraModuleStack
+from loramux.server.models.llama import LayerLora, LayerWeights, LlamaModel, ModelWeights
+from loramux.server.models.spec import ModelSpec, ModelUnsupported, load_hf_config, model_spec_from_config, rope_tables
 
 
 class CheckpointError(ValueError):

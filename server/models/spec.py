@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from adapter_store.format import BaseModelSpec
+from loramux.adapter_store.format import BaseModelSpec
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # PEFT's leaf names of the projections every decoder layer has, in forward order.

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.metadata import NO_ADAPTER, build_lora_batch_info
-from scheduler.output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from scheduler.request import BASE_SLOT, Request
-from server.models.llama import ForwardBatch, LlamaModel
-from server.runner.attention import build_attention_metadata
-from server.runner.sampler import Sampler, token_logprobs
+from loramux.kernels.metadata import NO_ADAPTER, build_lora_batch_info
+from loramux.scheduler.output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from loramux.scheduler.request import BASE_SLOT, Request
+from loramux.server.models.llama import ForwardBatch, LlamaModel
+from loramux.server.runner.attention import build_attention_metadata
+from loramux.server.runner.sampler import Sampler, token_logprobs
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from scheduler.output import TokenLogprobs
-from scheduler.request import Request
-from scheduler.sampling_params import SamplingParams
+from loramux.scheduler.output import TokenLogprobs
+from loramux.scheduler.request import Request
+from loramux.scheduler.sampling_params import SamplingParams
 
 
 class Sampler:

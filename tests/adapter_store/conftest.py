@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_store.format import BaseModelSpec
+from loramux.adapter_store.format import BaseModelSpec
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

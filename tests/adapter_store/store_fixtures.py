@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save, save_file
 
-from adapter_store.config import AdapterStoreConfig
-from adapter_store.format import CONFIG_NAME, WEIGHTS_NAME, BaseModelSpec, load_adapter
-from adapter_store.store import AdapterStore
-from kernels.buffers import LoraModuleBuffers, LoraModuleStack
+from loramux.adapter_store.config import AdapterStoreConfig
+from loramux.adapter_store.format import CONFIG_NAME, WEIGHTS_NAME, BaseModelSpec, load_adapter
+from loramux.adapter_store.store import AdapterStore
+from loramux.kernels.buffers import LoraModuleBuffers, LoraModuleStack
 
 # 2 layers, GQA: the spec of tests/adapter_store/conftest.py's TINY_LLAMA.
 TINY_SPEC = BaseModelSpec(

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_store.config import AdapterStoreConfig
-from adapter_store.format import load_adapter
-from scheduler.sampling_params import SamplingParams
-from server.builder import EngineParts, build_engine
-from server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig
-from server.engine import AsyncEngine
-from server.offline import OfflineEngine, OfflineRequest
+from loramux.adapter_store.config import AdapterStoreConfig
+from loramux.adapter_store.format import load_adapter
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.builder import EngineParts, build_engine
+from loramux.server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig
+from loramux.server.engine import AsyncEngine
+from loramux.server.offline import OfflineEngine, OfflineRequest
 from tests.engine_fixtures import smol_tokenizer  # noqa: F401 (fixture)
 from tests.peft_adapters import AdapterRecipe, make_peft_adapter
 from tests.tiny_models import save_tiny_model

@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapter_store.errors import (
+from loramux.adapter_store.errors import (
     AdapterError,
     AdapterInvalid,
     AdapterNotFound,
     AdapterTooLarge,
     AdapterUnsupported,
 )
-from adapter_store.format import (
+from loramux.adapter_store.format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     BaseModelSpec,

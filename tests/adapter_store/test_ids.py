@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapter_store.errors import AdapterError, InvalidAdapterId
-from adapter_store.ids import MAX_ADAPTER_ID_LEN, check_adapter_id
+from loramux.adapter_store.errors import AdapterError, InvalidAdapterId
+from loramux.adapter_store.ids import MAX_ADAPTER_ID_LEN, check_adapter_id
 from tests.adapter_store.store_fixtures import adapter_files, make_store, write_adapter
 
 VALID = ["a", "A1", "my-adapter", "org.model_v2", "0", "x" * MAX_ADAPTER_ID_LEN, "a.b-c_d"]

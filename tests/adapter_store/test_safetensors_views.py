@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adapter_store.safetensors_views import FileChanged, SafetensorsViews
+from loramux.adapter_store.safetensors_views import FileChanged, SafetensorsViews
 
 
 @pytest.fixture

@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapter_store.errors import (
+from loramux.adapter_store.errors import (
     AdapterError,
     InvalidAdapterId,
     PinLimitExceeded,
     UploadsDisabled,
     UploadTooLarge,
 )
-from adapter_store.format import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter
-from adapter_store.store import AdapterStatus
+from loramux.adapter_store.format import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter
+from loramux.adapter_store.store import AdapterStatus
 from tests.adapter_store.store_fixtures import CountingLoader, make_store, write_adapter
 
 TIMEOUT = 10.0

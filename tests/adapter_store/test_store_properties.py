@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapter_store.format import load_adapter
+from loramux.adapter_store.format import load_adapter
 from tests.adapter_store.store_fixtures import (
     MAX_RANK,
     TINY_SPEC,

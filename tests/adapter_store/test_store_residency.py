@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapter_store.config import AdapterStoreConfig, AdapterStoreConfigError
-from adapter_store.errors import AdapterNotFound, InvalidAdapterId, PinLimitExceeded
-from adapter_store.store import AdapterStatus, AdapterStore
-from scheduler.residency import AdapterResidency
+from loramux.adapter_store.config import AdapterStoreConfig, AdapterStoreConfigError
+from loramux.adapter_store.errors import AdapterNotFound, InvalidAdapterId, PinLimitExceeded
+from loramux.adapter_store.store import AdapterStatus, AdapterStore
+from loramux.scheduler.residency import AdapterResidency
 from tests.adapter_store.store_fixtures import (
     TINY_SPEC,
     CountingLoader,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import tracemalloc
 
-import adapter_store.format
+from loramux.adapter_store import format as adapter_format
 from tests.adapter_store.store_fixtures import (
     CountingLoader,
     make_store,
@@ -25,7 +25,7 @@ def test_ten_thousand_adapters_register_fast_in_bounded_memory(tmp_path, monkeyp
     def no_weights(*args, **kwargs):
         raise AssertionError("registration read weights")
 
-    monkeypatch.setattr(adapter_store.format, "_read_weights", no_weights)
+    monkeypatch.setattr(adapter_format, "_read_weights", no_weights)
     loader = CountingLoader()
     store = make_store(root, max_slots=4, load_fn=loader)
     tracemalloc.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapter_store.format import load_adapter
+from loramux.adapter_store.format import load_adapter
 from tests.adapter_store.store_fixtures import (
     MAX_RANK,
     FakeClock,

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from adapter_store.errors import (
+from loramux.adapter_store.errors import (
     AdapterInvalid,
     AdapterNotFound,
     AdapterTooLarge,
@@ -18,13 +18,13 @@ from adapter_store.errors import (
     UploadsDisabled,
     UploadTooLarge,
 )
-from adapter_store.format import (
+from loramux.adapter_store.format import (
     CONFIG_NAME,
     PICKLED_WEIGHTS_NAME,
     WEIGHTS_NAME,
     load_adapter,
 )
-from adapter_store.store import AdapterStatus
+from loramux.adapter_store.store import AdapterStatus
 from tests.adapter_store.store_fixtures import (
     MAX_RANK,
     TINY_SPEC,

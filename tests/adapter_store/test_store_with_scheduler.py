@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from adapter_store.format import CONFIG_NAME
-from scheduler.request import FinishReason
+from loramux.adapter_store.format import CONFIG_NAME
+from loramux.scheduler.request import FinishReason
 from tests.adapter_store.store_fixtures import (
     FakeClock,
     make_store,

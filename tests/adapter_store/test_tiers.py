@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter_store.cpu_cache import CpuCache
-from adapter_store.eviction import POLICIES, LRUPolicy, make_policy
-from adapter_store.slots import SlotState, SlotTable
+from loramux.adapter_store.cpu_cache import CpuCache
+from loramux.adapter_store.eviction import POLICIES, LRUPolicy, make_policy
+from loramux.adapter_store.slots import SlotState, SlotTable
 
 
 def test_lru_order():

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from clients import AsyncClient, AuthenticationError, NotFoundError, ServerError
+from loramux.clients import AsyncClient, AuthenticationError, NotFoundError, ServerError
 
 
 def run(coro):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from clients.cli import adapter_table
-from clients.types import AdapterInfo
-from server.cli import main
+from loramux.clients.cli import adapter_table
+from loramux.clients.types import AdapterInfo
+from loramux.server.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -155,7 +155,7 @@ def _python(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def test_cli_subprocess_never_imports_torch(url, fake):
     fake.add_adapter("listed")
-    done = _python("-X", "importtime", "-m", "server.cli", "adapters", "list", "--url", url)
+    done = _python("-X", "importtime", "-m", "loramux.server.cli", "adapters", "list", "--url", url)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[1].split()[0] == "listed"
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
@@ -168,10 +168,10 @@ def test_cli_subprocess_never_imports_torch(url, fake):
 def test_client_package_imports_no_project_internals(url, fake):
     snippet = f"""
 import sys
-import clients, clients.cli
-rooms = {{"torch", "server", "scheduler", "kernels", "adapter_store"}}
-assert not [m for m in sys.modules if m.split(".")[0] in rooms], sorted(sys.modules)
-from server.cli import main
+import loramux.clients, loramux.clients.cli
+rooms = ("torch", "loramux.server", "loramux.scheduler", "loramux.kernels", "loramux.adapter_store")
+assert not [m for m in sys.modules if m.split(".")[0] in rooms or ".".join(m.split(".")[:2]) in rooms], sorted(sys.modules)
+from loramux.server.cli import main
 assert main(["adapters", "list", "--url", {url!r}]) == 0
 assert "torch" not in sys.modules
 """
@@ -183,7 +183,7 @@ assert "torch" not in sys.modules
 def test_client_sources_import_only_stdlib_and_httpx():
     import ast
 
-    allowed = set(sys.stdlib_module_names) | {"httpx", "clients"}
+    allowed = set(sys.stdlib_module_names) | {"httpx", "loramux"}
     for path in (REPO / "clients").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -194,3 +194,5 @@ def test_client_sources_import_only_stdlib_and_httpx():
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+            if name.startswith("loramux."):
+                assert name.startswith("loramux.clients"), f"{path.name} imports {name}"

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from clients import (
+from loramux.clients import (
     AdapterInfo,
     AuthenticationError,
     ChatResult,

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from clients import (
+from loramux.clients import (
     APIConnectionError,
     AsyncClient,
     AuthenticationError,
@@ -19,7 +19,7 @@ from clients import (
     ServerError,
     ValidationError,
 )
-from clients.errors import error_from_response
+from loramux.clients.errors import error_from_response
 
 CASES = [
     (400, ValidationError),

@@ -9,8 +9,8 @@ import json
 import httpx
 import pytest
 
-from clients import AsyncClient, Client, ServerError
-from clients.sse import SSEDecoder
+from loramux.clients import AsyncClient, Client, ServerError
+from loramux.clients.sse import SSEDecoder
 
 
 def decode(chunks: list[str]) -> list[str]:

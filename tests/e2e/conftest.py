@@ -24,13 +24,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adapter_store.config import AdapterStoreConfig
-from scheduler.sampling_params import SamplingParams
-from server.builder import EngineParts, build_engine
-from server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig
-from server.model_fetch import default_model_dir, is_complete
-from server.offline import OfflineEngine, OfflineRequest
-from server.outputs import CompletedRequest
+from loramux.adapter_store.config import AdapterStoreConfig
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.builder import EngineParts, build_engine
+from loramux.server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig
+from loramux.server.model_fetch import default_model_dir, is_complete
+from loramux.server.offline import OfflineEngine, OfflineRequest
+from loramux.server.outputs import CompletedRequest
 from tests.peft_adapters import AdapterRecipe, make_peft_adapter
 from tests.tiny_models import save_tiny_model
 
@@ -76,12 +76,12 @@ class Server:
 
 def start_server(args: list[str], log_path: Path, api_key: str | None = None,
                  admin_key: str | None = None) -> Server:
-    """`python -m server.cli serve ARGS --port P`; returns once /health answers 200."""
+    """`python -m loramux.server.cli serve ARGS --port P`; returns once /health answers 200."""
     port = free_port()
     env = {**os.environ, "LORAMUX_HOME": str(log_path.parent / "home"), "PYTHONUNBUFFERED": "1"}
     log = open(log_path, "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        [sys.executable, "-m", "loramux.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.model_fetch import default_model_dir
+from loramux.server.model_fetch import default_model_dir
 from tests.e2e.conftest import MAX_LORA_RANK, build_reference, start_server, stop_server
 from tests.peft_adapters import AdapterRecipe, make_peft_adapter
 

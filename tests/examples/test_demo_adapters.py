@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from adapter_store.format import BaseModelSpec, load_adapter
+from loramux.adapter_store.format import BaseModelSpec, load_adapter
 from examples.behaviours import BEHAVIOURS, json_answer, shows
 from examples.questions import HELD_OUT_TOPICS
-from server.model_fetch import default_model_dir, is_complete
+from loramux.server.model_fetch import default_model_dir, is_complete
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ADAPTERS = EXAMPLES / "adapters"

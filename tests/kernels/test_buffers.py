@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from kernels.buffers import LoraModuleBuffers, LoraModuleStack
+from loramux.kernels.buffers import LoraModuleBuffers, LoraModuleStack
 
 SLOTS, MAX_RANK, IN, OUT = 3, 8, 40, 24
 LAYERS = 3

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.backend import select_backend
-from kernels.buffers import LoraModuleBuffers
-from kernels.cpu_backend import LONG_SEGMENT_TOKENS
-from kernels.metadata import build_lora_batch_info
-from kernels.reference import add_lora_per_token, add_lora_reference
+from loramux.kernels.backend import select_backend
+from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.cpu_backend import LONG_SEGMENT_TOKENS
+from loramux.kernels.metadata import build_lora_batch_info
+from loramux.kernels.reference import add_lora_per_token, add_lora_reference
 from tests.kernels.layouts import LAYOUTS, NUM_SLOTS, segment_layout
 
 RANKS = (1, 8, 16, 64)

@@ -16,7 +16,7 @@ SCRIPT = """
 import os
 import torch
 torch.set_num_threads(2)
-from kernels.openmp import set_thread_openmp_threads
+from loramux.kernels.openmp import set_thread_openmp_threads
 
 def threads():
     return len(os.listdir("/proc/self/task"))

@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
-import kernels.triton_backend as triton_backend  # noqa: E402
-from kernels.backend import select_backend  # noqa: E402
-from kernels.metadata import build_lora_batch_info  # noqa: E402
-from kernels.reference import add_lora_reference  # noqa: E402
-from kernels.triton_backend import BGMV_MAX_SEG_LEN, TritonLoraBackend  # noqa: E402
+import loramux.kernels.triton_backend as triton_backend  # noqa: E402
+from loramux.kernels.backend import select_backend  # noqa: E402
+from loramux.kernels.metadata import build_lora_batch_info  # noqa: E402
+from loramux.kernels.reference import add_lora_reference  # noqa: E402
+from loramux.kernels.triton_backend import BGMV_MAX_SEG_LEN, TritonLoraBackend  # noqa: E402
 from tests.kernels.layouts import LAYOUTS, segment_layout  # noqa: E402
 from tests.kernels.test_triton_kernels import TOLERANCES, Case  # noqa: E402
 
@@ -91,10 +91,10 @@ def test_cpu_auto_selection_never_imports_triton_backend(tmp_path):
     code = (
         "import sys, torch\n"
         "from pathlib import Path\n"
-        "from kernels.backend import select_backend\n"
+        "from loramux.kernels.backend import select_backend\n"
         f"backend = select_backend(torch.device('cpu'), torch.float32, cache_dir=Path({str(tmp_path)!r}))\n"
         "assert backend.name in ('cpu', 'torch'), backend.name\n"
-        "loaded = [m for m in sys.modules if m == 'kernels.triton_backend' or m.startswith('kernels.triton.')]\n"
+        "loaded = [m for m in sys.modules if m == 'loramux.kernels.triton_backend' or m.startswith('loramux.kernels.triton.')]\n"
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
@@ -138,12 +138,12 @@ class _RecordingBackend(TritonLoraBackend):
 def test_runner_forward_matches_torch_backend(tmp_path, triton_device):
     """A mixed batch (adapters of ranks 8, 4 and 16-with-a-rank-2-pattern, plus base requests)
     gives the same logits through the Triton kernels as through the torch backend."""
-    from adapter_store.device_slots import write_adapter_to_slot
-    from adapter_store.format import load_adapter
-    from scheduler.request import BASE_SLOT, Request
-    from scheduler.sampling_params import SamplingParams
-    from server.models.loader import load_model
-    from server.runner.model_runner import ModelRunner
+    from loramux.adapter_store.device_slots import write_adapter_to_slot
+    from loramux.adapter_store.format import load_adapter
+    from loramux.scheduler.request import BASE_SLOT, Request
+    from loramux.scheduler.sampling_params import SamplingParams
+    from loramux.server.models.loader import load_model
+    from loramux.server.runner.model_runner import ModelRunner
     from tests.peft_adapters import AdapterRecipe, make_peft_adapter
     from tests.tiny_models import generate_static, save_tiny_model
 

@@ -60,13 +60,13 @@ def _record_launches():
     """Run the wrappers on CPU tensors with the kernels replaced by recorders."""
     import torch
 
-    import kernels.triton.bgmv_expand as bgmv_expand_mod
-    import kernels.triton.bgmv_shrink as bgmv_shrink_mod
-    import kernels.triton.sgmv_expand as sgmv_expand_mod
-    import kernels.triton.sgmv_shrink as sgmv_shrink_mod
-    from kernels.buffers import LoraModuleBuffers
-    from kernels.metadata import build_lora_batch_info
-    from kernels.triton.common import LoraSliceTable
+    import loramux.kernels.triton.bgmv_expand as bgmv_expand_mod
+    import loramux.kernels.triton.bgmv_shrink as bgmv_shrink_mod
+    import loramux.kernels.triton.sgmv_expand as sgmv_expand_mod
+    import loramux.kernels.triton.sgmv_shrink as sgmv_shrink_mod
+    from loramux.kernels.buffers import LoraModuleBuffers
+    from loramux.kernels.metadata import build_lora_batch_info
+    from loramux.kernels.triton.common import LoraSliceTable
 
     launches = []
 

@@ -19,14 +19,14 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
-from kernels.buffers import LoraModuleBuffers  # noqa: E402
-from kernels.metadata import NO_ADAPTER, build_lora_batch_info  # noqa: E402
-from kernels.reference import add_lora_reference  # noqa: E402
-from kernels.triton.bgmv_expand import bgmv_expand  # noqa: E402
-from kernels.triton.bgmv_shrink import bgmv_shrink  # noqa: E402
-from kernels.triton.common import KernelConfig, LoraSliceTable, SgmvTiles  # noqa: E402
-from kernels.triton.sgmv_expand import sgmv_expand  # noqa: E402
-from kernels.triton.sgmv_shrink import sgmv_shrink  # noqa: E402
+from loramux.kernels.buffers import LoraModuleBuffers  # noqa: E402
+from loramux.kernels.metadata import NO_ADAPTER, build_lora_batch_info  # noqa: E402
+from loramux.kernels.reference import add_lora_reference  # noqa: E402
+from loramux.kernels.triton.bgmv_expand import bgmv_expand  # noqa: E402
+from loramux.kernels.triton.bgmv_shrink import bgmv_shrink  # noqa: E402
+from loramux.kernels.triton.common import KernelConfig, LoraSliceTable, SgmvTiles  # noqa: E402
+from loramux.kernels.triton.sgmv_expand import sgmv_expand  # noqa: E402
+from loramux.kernels.triton.sgmv_shrink import sgmv_shrink  # noqa: E402
 from tests.kernels.layouts import LAYOUTS, segment_layout  # noqa: E402
 from tests.kernels.test_cpu_backends import make_buffers, mixed_ranks  # noqa: E402
 

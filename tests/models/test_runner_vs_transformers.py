@@ -6,13 +6,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-from adapter_store.device_slots import write_adapter_to_slot
-from adapter_store.format import load_adapter
-from kernels.backend import select_backend
-from scheduler.request import BASE_SLOT, Request
-from scheduler.sampling_params import SamplingParams
-from server.models.loader import load_model
-from server.runner.model_runner import ModelRunner
+from loramux.adapter_store.device_slots import write_adapter_to_slot
+from loramux.adapter_store.format import load_adapter
+from loramux.kernels.backend import select_backend
+from loramux.scheduler.request import BASE_SLOT, Request
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.models.loader import load_model
+from loramux.server.runner.model_runner import ModelRunner
 from tests.peft_adapters import AdapterRecipe, make_peft_adapter
 from tests.tiny_models import generate_static, save_tiny_model
 

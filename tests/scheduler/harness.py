@@ -10,11 +10,11 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from scheduler.config import SchedulerConfig
-from scheduler.output import ModelRunnerOutput, RequestDelta, SchedulerOutput, TokenLogprobs
-from scheduler.request import BASE_SLOT, FinishReason, Request, RequestStatus
-from scheduler.sampling_params import SamplingParams
-from scheduler.scheduler import Scheduler
+from loramux.scheduler.config import SchedulerConfig
+from loramux.scheduler.output import ModelRunnerOutput, RequestDelta, SchedulerOutput, TokenLogprobs
+from loramux.scheduler.request import BASE_SLOT, FinishReason, Request, RequestStatus
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.scheduler.scheduler import Scheduler
 
 EOS = 2  # the fake model's EOS id
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from scheduler.kv_cache_manager import KVCacheManager
+from loramux.scheduler.kv_cache_manager import KVCacheManager
 from tests.scheduler.harness import make_request
 
 

@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from scheduler.config import SchedulerConfigError
-from scheduler.output import ModelRunnerOutput
-from scheduler.request import BASE_SLOT, FinishReason, RequestStatus
-from scheduler.residency import AdapterResidency
+from loramux.scheduler.config import SchedulerConfigError
+from loramux.scheduler.output import ModelRunnerOutput
+from loramux.scheduler.request import BASE_SLOT, FinishReason, RequestStatus
+from loramux.scheduler.residency import AdapterResidency
 from tests.scheduler.harness import (
     FakeClock,
     FakeResidency,

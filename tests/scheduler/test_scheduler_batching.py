@@ -2,9 +2,9 @@
 
 import pytest
 
-from scheduler.output import ModelRunnerOutput
-from scheduler.request import FinishReason, RequestStatus
-from scheduler.scheduler import DuplicateRequestId, PromptTooLong
+from loramux.scheduler.output import ModelRunnerOutput
+from loramux.scheduler.request import FinishReason, RequestStatus
+from loramux.scheduler.scheduler import DuplicateRequestId, PromptTooLong
 from tests.scheduler.harness import (
     check_drained,
     drive,

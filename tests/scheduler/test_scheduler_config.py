@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from scheduler.config import SchedulerConfig, SchedulerConfigError
+from loramux.scheduler.config import SchedulerConfig, SchedulerConfigError
 
 
 def test_defaults_are_valid_and_frozen():
@@ -56,9 +56,9 @@ def test_scheduler_package_is_pure_python():
     import sys
 
     code = (
-        "import sys, scheduler, scheduler.scheduler\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in "
-        "('torch', 'server', 'kernels', 'adapter_store', 'triton')]\n"
+        "import sys, loramux.scheduler, loramux.scheduler.scheduler\n"
+        "rooms = ('torch', 'triton', 'loramux.server', 'loramux.kernels', 'loramux.adapter_store')\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in rooms or '.'.join(m.split('.')[:2]) in rooms]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

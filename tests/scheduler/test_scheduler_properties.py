@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from scheduler.request import FinishReason, Request, RequestStatus
+from loramux.scheduler.request import FinishReason, Request, RequestStatus
 from tests.scheduler.harness import (
     EOS,
     FakeClock,

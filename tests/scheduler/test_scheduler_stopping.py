@@ -2,9 +2,9 @@
 
 import pytest
 
-from scheduler.output import ModelRunnerOutput, TokenLogprobs
-from scheduler.request import FinishReason, RequestStatus
-from scheduler.stop import is_repetition_loop
+from loramux.scheduler.output import ModelRunnerOutput, TokenLogprobs
+from loramux.scheduler.request import FinishReason, RequestStatus
+from loramux.scheduler.stop import is_repetition_loop
 from tests.scheduler.harness import (
     EOS,
     check_drained,

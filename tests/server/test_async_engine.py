@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from scheduler.request import FinishReason
-from scheduler.sampling_params import SamplingParams
-from server.engine import AsyncEngine
-from server.offline import OfflineEngine, OfflineRequest
+from loramux.scheduler.request import FinishReason
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.engine import AsyncEngine
+from loramux.server.offline import OfflineEngine, OfflineRequest
 from tests.engine_fixtures import build_core
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.request import FinishReason
-from scheduler.sampling_params import SamplingParams
-from server.offline import OfflineEngine, OfflineRequest
+from loramux.scheduler.request import FinishReason
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.offline import OfflineEngine, OfflineRequest
 from tests.engine_fixtures import build_core
 from tests.peft_adapters import AdapterRecipe, make_peft_adapter
 
