@@ -6,6 +6,7 @@ environment at import time.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,22 +83,70 @@ class SchedulingConfig:
     starvation_bound_s: float = 10.0
 
 
+LOOPBACK_HOSTS = ("localhost", "::1", "[::1]", "ip6-localhost")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for names and addresses that only this machine can reach (127.0.0.0/8, ::1)."""
+    host = host.strip().lower().rstrip(".")
+    if host in LOOPBACK_HOSTS or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()  # empty: no authentication
-    admin_api_keys: tuple[str, ...] = ()  # adapter management; empty: any api key
+    # Adapter management (upload, delete, pin, load/unload). Empty: management is refused,
+    # except on a loopback-bound server with no keys at all (local use; see api/auth.py).
+    admin_api_keys: tuple[str, ...] = ()
+    metrics_require_api_key: bool = False  # /metrics behind the API key (open by default)
+    # Client-supplied chat templates (`chat_template`, non-scalar `chat_template_kwargs`)
+    # run code-like Jinja on this server: refused unless the operator trusts the clients.
+    trust_request_chat_template: bool = False
     max_prompt_tokens: int | None = None  # None: max_model_len - 1
+    # A prompt longer than this many characters is refused before it is tokenized
+    # (None: 16 characters per token of the prompt limit, more than any tokenizer packs).
+    max_prompt_chars: int | None = None
     max_new_tokens: int | None = None  # cap on max_tokens; None: the context decides
     default_max_new_tokens: int = 256  # when a request names none (OpenAI: the context rest)
-    max_concurrent_requests: int = 1024  # beyond this, 429 (overloaded)
+    max_concurrent_requests: int = 1024  # in-flight sequences (choices); beyond this, 429
+    # Bodies of non-upload requests, enforced while they stream in (413 past it).
+    max_request_body_bytes: int = 4 << 20
+    # prompts x n of one request: the most sequences one request may start.
+    max_choices_per_request: int = 16
+    max_stop_sequences: int = 16  # stop strings per request (and stop token ids)
+    max_stop_sequence_chars: int = 256  # characters per stop string
+    # On SIGTERM: /health turns 503, new requests get 503, running ones get this many
+    # seconds to finish before they are ended (finish_reason "abort").
+    drain_timeout_s: float = 30.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "port must be in 1..65535")
         _check(self.default_max_new_tokens >= 1, "default_max_new_tokens must be >= 1")
         _check(self.max_concurrent_requests >= 1, "max_concurrent_requests must be >= 1")
+        _check(self.max_request_body_bytes >= 1024, "max_request_body_bytes must be >= 1024")
+        _check(self.max_choices_per_request >= 1, "max_choices_per_request must be >= 1")
+        _check(self.max_stop_sequences >= 0, "max_stop_sequences must be >= 0")
+        _check(self.max_stop_sequence_chars >= 1, "max_stop_sequence_chars must be >= 1")
+        _check(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
+        _check(self.max_prompt_chars is None or self.max_prompt_chars >= 1, "max_prompt_chars must be >= 1")
+
+    @property
+    def loopback_only(self) -> bool:
+        """Bound to a loopback address: only this machine can connect."""
+        return is_loopback_host(self.host)
+
+    @property
+    def management_open_without_keys(self) -> bool:
+        """Keyless adapter management: a loopback-bound server with no keys at all."""
+        return self.loopback_only and not self.api_keys and not self.admin_api_keys
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,9 @@ class AsyncEngine:
         # without one: (core, outputs, stepped).
         self.step_listeners: list[Callable[[EngineCore, list[RequestOutput], bool], None]] = []
         self.dead_error: BaseException | None = None
+        # Called on the event loop once the thread has died and every open stream has
+        # been failed: the server exits non-zero so that an orchestrator restarts it.
+        self.on_death: Callable[[BaseException], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,6 +115,17 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))
 
+    def abort_all(self) -> int:
+        """End every open request (finish_reason ABORT; each stream gets its final output).
+        Returns how many were open. Call on the event loop."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        return len(self._streams)
+
+    @property
+    def num_open_streams(self) -> int:
+        return len(self._streams)
+
     def _send(self, command: _Add | _Abort) -> None:
         self._commands.put(command)
         self._wakeup.set()
@@ -138,7 +152,7 @@ class AsyncEngine:
         except BaseException as exc:  # noqa: BLE001 - report, then fail every open stream
             logger.exception("engine thread died")
             self.dead_error = exc
-            self._fail_all(EngineDead(f"engine thread died: {exc}"))
+            self._fail_all(EngineDead(f"engine thread died: {type(exc).__name__}"))
 
     def _drain_commands(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
@@ -185,3 +199,5 @@ class AsyncEngine:
     def _dispatch_error_all(self, exc: BaseException) -> None:
         for stream in self._streams.values():
             stream.put_nowait(exc)
+        if self.on_death is not None and self.dead_error is not None:
+            self.on_death(self.dead_error)

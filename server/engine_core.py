@@ -2,7 +2,8 @@
 
 Single-threaded by design: the async engine (server/engine.py) runs it in its own thread
 and the offline engine (server/offline.py) in the caller's. One request failing (in the
-sampler, in detokenization) ends that request with an error; the others go on.
+forward, the sampler, detokenization) ends that request with an error; the others go on: a
+failed batch forward is retried request by request to find the culprit.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from loramux.scheduler.output import ModelRunnerOutput, RequestDelta
+from loramux.scheduler.output import ModelRunnerOutput, RequestDelta, SchedulerOutput
 from loramux.scheduler.request import FinishReason, Request
 from loramux.scheduler.sampling_params import SamplingParams
 from loramux.scheduler.scheduler import Scheduler
@@ -89,13 +90,9 @@ class EngineCore:
         else:
             try:
                 runner_output = self.runner.execute(scheduler_output)
-            except Exception as exc:  # noqa: BLE001 - a broken step fails its requests only
-                logger.exception("model step failed")
-                message = f"model step failed: {type(exc).__name__}: {exc}"
-                runner_output = ModelRunnerOutput(
-                    sampled_token_ids={},
-                    failed={r.request_id: message for r in scheduler_output.scheduled_requests},
-                )
+            except Exception:  # noqa: BLE001 - find the culprit: the others go on
+                logger.exception("model step failed; retrying its requests one by one")
+                runner_output = self._execute_one_by_one(scheduler_output)
         deltas = self.scheduler.update(scheduler_output, runner_output)
         now = time.monotonic()
         outputs = [self._process(delta, now) for delta in deltas]
@@ -108,6 +105,37 @@ class EngineCore:
             step_seconds=time.perf_counter() - started,
         )
         return [o for o in outputs if o is not None]
+
+    def _execute_one_by_one(self, batch: SchedulerOutput) -> ModelRunnerOutput:
+        """The batch's forward failed: run each request alone, so that only the request(s)
+        that fail alone fail (the others get their tokens this step, as if nothing happened).
+        Rerunning a request's chunk rewrites the same KV slots, so the failed batch leaves
+        nothing behind."""
+        sampled: dict[str, int] = {}
+        logprobs: dict = {}
+        prompt_logprobs: dict = {}
+        failed: dict[str, str] = {}
+        for i, (request, num_tokens) in enumerate(zip(batch.scheduled_requests, batch.num_scheduled_tokens)):
+            single = SchedulerOutput(
+                scheduled_requests=[request],
+                num_scheduled_tokens=[num_tokens],
+                total_num_scheduled_tokens=num_tokens,
+                # the runner drops state of ended requests once, with the first sub-step
+                finished_request_ids=batch.finished_request_ids if i == 0 else frozenset(),
+                preempted_request_ids=batch.preempted_request_ids if i == 0 else frozenset(),
+            )
+            try:
+                output = self.runner.execute(single)
+            except Exception as exc:  # noqa: BLE001 - this request is the culprit
+                logger.exception("request %s fails the model step on its own", request.request_id)
+                failed[request.request_id] = f"model step failed: {type(exc).__name__}: {exc}"
+                continue
+            sampled.update(output.sampled_token_ids)
+            logprobs.update(output.logprobs)
+            prompt_logprobs.update(output.prompt_logprobs)
+            failed.update(output.failed)
+        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs,
+                                 prompt_logprobs=prompt_logprobs, failed=failed)
 
     def _process(self, delta: RequestDelta, now: float) -> RequestOutput | None:
         tracked = self._tracked.get(delta.request_id)

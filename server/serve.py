@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,8 +23,16 @@ def parse_bytes(text: str) -> int:
     return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
-def _keys(values: list[str] | None, files: list[str] | None) -> tuple[str, ...]:
+API_KEY_ENV = "LORAMUX_API_KEY"
+ADMIN_API_KEY_ENV = "LORAMUX_ADMIN_API_KEY"
+
+
+def _keys(values: list[str] | None, files: list[str] | None, env: str | None = None) -> tuple[str, ...]:
+    """Keys from flags, key files and the environment variable `env` (comma-separated), so
+    that keys can stay off the command line (which `ps` shows to every user)."""
     keys = list(values or [])
+    if env:
+        keys += [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
     for file in files or []:
         keys += [line.strip() for line in Path(file).read_text().splitlines() if line.strip()]
     return tuple(dict.fromkeys(keys))
@@ -57,14 +66,29 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", action="append", help="require this bearer key (repeatable)")
+    g.add_argument("--api-key", action="append",
+                   help=f"require this bearer key (repeatable; also ${API_KEY_ENV}, comma-separated)")
     g.add_argument("--api-key-file", action="append", help="one key per line")
-    g.add_argument("--admin-api-key", action="append", help="key for adapter management (repeatable)")
+    g.add_argument("--admin-api-key", action="append",
+                   help=f"key for adapter management (repeatable; also ${ADMIN_API_KEY_ENV}); without one, "
+                        "management is refused unless the server is bound to a loopback address with no keys")
     g.add_argument("--admin-api-key-file", action="append")
+    g.add_argument("--metrics-require-api-key", action="store_true", help="put /metrics behind the API key")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept `chat_template` and non-scalar `chat_template_kwargs` from clients")
     g.add_argument("--max-prompt-tokens", type=int)
+    g.add_argument("--max-prompt-chars", type=int, help="refuse longer prompts before tokenizing them")
     g.add_argument("--max-new-tokens", type=int, help="cap on a request's max tokens")
     g.add_argument("--default-max-new-tokens", type=int, default=256)
-    g.add_argument("--max-concurrent-requests", type=int, default=1024)
+    g.add_argument("--max-concurrent-requests", type=int, default=1024,
+                   help="sequences in flight (each choice counts); beyond it, 429")
+    g.add_argument("--max-request-body-bytes", type=parse_bytes, default=parse_bytes("4M"),
+                   help="limit on request bodies other than uploads (413), checked as they stream in")
+    g.add_argument("--max-choices-per-request", type=int, default=16, help="cap on prompts x n")
+    g.add_argument("--max-stop-sequences", type=int, default=16)
+    g.add_argument("--max-stop-sequence-chars", type=int, default=256)
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish after SIGTERM")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -116,12 +140,20 @@ def config_from_args(args: argparse.Namespace):
         server=ServerConfig(
             host=args.host,
             port=args.port,
-            api_keys=_keys(args.api_key, args.api_key_file),
-            admin_api_keys=_keys(args.admin_api_key, args.admin_api_key_file),
+            api_keys=_keys(args.api_key, args.api_key_file, API_KEY_ENV),
+            admin_api_keys=_keys(args.admin_api_key, args.admin_api_key_file, ADMIN_API_KEY_ENV),
+            metrics_require_api_key=args.metrics_require_api_key,
+            trust_request_chat_template=args.trust_request_chat_template,
             max_prompt_tokens=args.max_prompt_tokens,
+            max_prompt_chars=args.max_prompt_chars,
             max_new_tokens=args.max_new_tokens,
             default_max_new_tokens=args.default_max_new_tokens,
             max_concurrent_requests=args.max_concurrent_requests,
+            max_request_body_bytes=args.max_request_body_bytes,
+            max_choices_per_request=args.max_choices_per_request,
+            max_stop_sequences=args.max_stop_sequences,
+            max_stop_sequence_chars=args.max_stop_sequence_chars,
+            drain_timeout_s=args.drain_timeout,
             log_level=args.log_level,
         ),
     )
@@ -140,7 +172,6 @@ def configure_logging(level: str) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     import torch
-    import uvicorn
 
     from loramux.kernels.openmp import set_thread_openmp_threads
     from loramux.server.api.app import create_app
@@ -156,13 +187,77 @@ def serve(args: argparse.Namespace) -> int:
     set_thread_openmp_threads(1)
     metrics = ServerMetrics(config.lora.max_loras)
     parts = build_engine(config, on_adapter_load=metrics.observe_adapter_load)
-    app = create_app(parts, metrics)
-    uvicorn.run(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        log_level=config.server.log_level,
-        access_log=False,  # our middleware logs each request with its id
-        log_config=None,
-    )
-    return 0
+    runner = ServerRunner(config.server)
+    app = create_app(parts, metrics, on_fatal=runner.fatal)
+    return runner.run(app)
+
+
+class ServerRunner:
+    """uvicorn with the two exits an orchestrator needs.
+
+    SIGTERM drains: /health turns 503 and new requests get 503 at once, running ones get
+    `drain_timeout_s` to finish and are then ended with a final event; only then does
+    uvicorn close. A second SIGTERM (or SIGINT) stops at once. A dead engine exits with a
+    non-zero code (after its requests were failed), so that the server is restarted."""
+
+    def __init__(self, server_config) -> None:
+        self.config = server_config
+        self.exit_code = 0
+        self._server = None
+        self._drain_requested = False
+        self._drain_task = None
+
+    def run(self, app) -> int:
+        import asyncio
+        import signal
+
+        import uvicorn
+
+        runner = self
+        service = app.state.service
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                # A signal handler: set flags only; the drain starts on the loop (on_tick).
+                if sig == signal.SIGTERM and not runner._drain_requested:
+                    runner._drain_requested = True
+                    service.draining = True  # at once: the next /health answers 503
+                    return
+                super().handle_exit(sig, frame)
+
+            async def on_tick(self, counter: int) -> bool:
+                if runner._drain_requested and runner._drain_task is None:
+                    runner._drain_task = asyncio.create_task(runner._drain(service))
+                return await super().on_tick(counter)
+
+        uvicorn_config = uvicorn.Config(
+            app,
+            host=self.config.host,
+            port=self.config.port,
+            log_level=self.config.log_level,
+            access_log=False,  # our middleware logs each request with its id
+            log_config=None,
+            timeout_graceful_shutdown=5,  # after the drain, connections still open are closed
+        )
+        self._server = _Server(uvicorn_config)
+        self._server.run()
+        return self.exit_code
+
+    async def _drain(self, service) -> None:
+        logger = logging.getLogger("loramux.serve")
+        logger.warning("SIGTERM: draining (up to %.1f s), then exiting", self.config.drain_timeout_s)
+        try:
+            await service.drain(self.config.drain_timeout_s)
+        finally:
+            self._server.should_exit = True
+
+    def fatal(self, code: int) -> None:
+        """The engine died: exit with `code` through uvicorn's shutdown, or hard after 10 s."""
+        import threading
+
+        self.exit_code = code
+        if self._server is not None:
+            self._server.should_exit = True
+        timer = threading.Timer(10.0, os._exit, (code,))
+        timer.daemon = True
+        timer.start()

@@ -1,15 +1,21 @@
-"""Between the HTTP routes and the engine: adapters, prompts, limits, seeds, metrics.
+"""Between the HTTP routes and the engine: adapters, prompts, limits, seeds, admission, metrics.
 
 Routes turn their own request shapes into a `Generation` and their own error shapes out of
-a `ServiceError`; everything they have in common lives here.
+a `ServiceError`; everything they have in common lives here. Template rendering and
+tokenization run on worker threads (`render_chat`, `encode_async`): a long prompt must not
+stall the event loop that answers everyone else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import math
 import random
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from loramux.adapter_store.errors import AdapterError, InvalidAdapterId
@@ -22,6 +28,15 @@ from loramux.server.metrics import ServerMetrics
 from loramux.server.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
+
+# What torch.Generator.manual_seed takes is 64 bits; seeds stay in the signed range, so
+# that choice j's seed (seed + j) still fits.
+MIN_SEED = -(2**63)
+MAX_SEED = 2**63 - 1
+# A token never spans fewer than 1/16 of a character on any tokenizer we serve, so a
+# prompt longer than 16 characters per allowed token cannot fit: refuse it before tokenizing.
+CHARS_PER_TOKEN_BOUND = 16
+TOKENIZER_THREADS = 2
 
 
 class ServiceError(Exception):
@@ -47,6 +62,12 @@ class Overloaded(ServiceError):
     kind = "overloaded"
 
 
+class ShuttingDown(ServiceError):
+    """The server is draining (SIGTERM) or its engine is gone: 503, retry elsewhere."""
+
+    kind = "unavailable"
+
+
 class GenerationFailed(ServiceError):
     kind = "generation"
 
@@ -61,6 +82,25 @@ class Generation:
     endpoint: str  # for metrics: "generate", "chat", "completions"
 
 
+class Admission:
+    """In-flight slots for all of a request's sequences, reserved together before any starts
+    (so a request never starts some choices and is refused the rest). Each stream gives its
+    slot back when it ends; `release()` gives back the slots of streams that never ran."""
+
+    def __init__(self, service: GenerationService, count: int) -> None:
+        self._service = service
+        self._left = count
+
+    def release_one(self) -> None:
+        if self._left > 0:
+            self._left -= 1
+            self._service._in_flight -= 1
+
+    def release(self) -> None:
+        self._service._in_flight -= self._left
+        self._left = 0
+
+
 class GenerationService:
     def __init__(self, parts: EngineParts, engine: AsyncEngine, metrics: ServerMetrics) -> None:
         self.parts = parts
@@ -70,9 +110,28 @@ class GenerationService:
         self.config = parts.config
         self.served_model_name = parts.config.model.served_model_name
         self.max_model_len = parts.core.max_model_len
+        self.vocab_size = len(self.tokenizer)
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
         self._in_flight = 0
         self._engine_ids = itertools.count()  # engine ids stay unique when a client reuses X-Request-Id
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="loramux-tokenize")
+        self.draining = False  # SIGTERM: refuse new requests, let running ones finish
+
+    def close(self) -> None:
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def prompt_token_limit(self) -> int:
+        limit = self.config.server.max_prompt_tokens or (self.max_model_len - 1)
+        return min(limit, self.max_model_len - 1)
+
+    @property
+    def prompt_char_limit(self) -> int:
+        return self.config.server.max_prompt_chars or self.prompt_token_limit * CHARS_PER_TOKEN_BOUND
 
     # ------------------------------------------------------------------ inputs
 
@@ -92,18 +151,59 @@ class GenerationService:
             raise GenerationFailed(f"adapter {name!r} failed to load: {info.error}", param)
         return name
 
+    def check_prompt_chars(self, text: str, param: str) -> None:
+        """The cheap check before tokenizing: a text this long cannot fit the token limit."""
+        if len(text) > self.prompt_char_limit:
+            raise InvalidRequest(
+                f"{param} has {len(text)} characters; this server accepts at most {self.prompt_char_limit}", param
+            )
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
+    async def _off_loop(self, function: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, function, *args)
+
+    async def encode_async(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Check the length, tokenize on a worker thread, check the token count."""
+        self.check_prompt_chars(text, param)
+        ids = await self._off_loop(self.encode, text, add_special_tokens)
+        self.check_prompt(ids, param)
+        return ids
+
+    async def encode_async_unchecked(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize on a worker thread (the caller checks the length before and after)."""
+        return await self._off_loop(self.encode, text, add_special_tokens)
+
+    async def decode_async(self, token_ids: list[int]) -> str:
+        return await self._off_loop(self.tokenizer.decode, token_ids)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    chat_template: str | None = None, **template_kwargs) -> str:
+        template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise InvalidRequest("this model has no chat template; use /v1/completions", "messages")
         try:
             return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                chat_template=chat_template, **template_kwargs,
             )
         except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
-            raise InvalidRequest(f"cannot apply the chat template: {exc}", "messages") from None
+            raise InvalidRequest(f"cannot apply the chat template: {type(exc).__name__}: {exc}", "messages") from None
+
+    async def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          chat_template: str | None = None, **template_kwargs) -> list[int]:
+        """Messages -> prompt token ids, rendered and tokenized on a worker thread."""
+        self.check_prompt_chars("".join(m.get("content") or "" for m in messages), "messages")
+
+        def render() -> list[int]:
+            text = self.chat_prompt(messages, add_generation_prompt, chat_template, **template_kwargs)
+            self.check_prompt_chars(text, "messages")
+            return self.encode(text, add_special_tokens=False)
+
+        ids = await self._off_loop(render)
+        self.check_prompt(ids, "messages")
+        return ids
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
@@ -133,18 +233,63 @@ class GenerationService:
     def check_prompt(self, prompt_ids: list[int], param: str) -> None:
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param)
-        limit = self.config.server.max_prompt_tokens or (self.max_model_len - 1)
-        limit = min(limit, self.max_model_len - 1)
+        limit = self.prompt_token_limit
         if len(prompt_ids) > limit:
             raise InvalidRequest(
                 f"the prompt has {len(prompt_ids)} tokens; this server accepts at most {limit}", param
             )
 
+    def check_token_ids(self, token_ids, param: str) -> None:
+        """Token ids must be ints the model's vocabulary has."""
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise InvalidRequest(f"{param}: token ids must be integers in [0, {self.vocab_size})", param)
+
+    def check_stops(self, stop: tuple[str, ...], stop_token_ids: tuple[int, ...], stop_param: str = "stop",
+                    ids_param: str = "stop_token_ids") -> None:
+        server = self.config.server
+        if len(stop) > server.max_stop_sequences:
+            raise InvalidRequest(f"{stop_param}: at most {server.max_stop_sequences} stop sequences", stop_param)
+        for text in stop:
+            if not text:
+                raise InvalidRequest(f"{stop_param}: stop sequences must be non-empty", stop_param)
+            if len(text) > server.max_stop_sequence_chars:
+                raise InvalidRequest(
+                    f"{stop_param}: a stop sequence may have at most {server.max_stop_sequence_chars} characters",
+                    stop_param,
+                )
+        if len(stop_token_ids) > server.max_stop_sequences:
+            raise InvalidRequest(f"{ids_param}: at most {server.max_stop_sequences} stop token ids", ids_param)
+        self.check_token_ids(stop_token_ids, ids_param)
+
+    @staticmethod
+    def check_seed(seed: int | None, param: str = "seed") -> None:
+        if seed is not None and not MIN_SEED <= seed <= MAX_SEED:
+            raise InvalidRequest(f"{param} must be a 64-bit signed integer", param)
+
+    def check_choices(self, count: int, param: str = "n") -> None:
+        """prompts x n: the sequences one request starts."""
+        limit = self.config.server.max_choices_per_request
+        if count > limit:
+            raise InvalidRequest(
+                f"this request asks for {count} sequences (prompts x n); this server allows at most {limit}", param
+            )
+
     def sampling_params(self, **fields) -> SamplingParams:
+        for name, value in fields.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidRequest(f"{name} must be a finite number", name)
+        self.check_seed(fields.get("seed"))
+        top_k = fields.get("top_k")
+        if isinstance(top_k, int) and top_k > self.vocab_size:
+            fields["top_k"] = 0  # keeping more tokens than the vocabulary has keeps all of them
         try:
             return SamplingParams(**fields)
         except InvalidSamplingParams as exc:
-            raise InvalidRequest(str(exc)) from None
+            message = str(exc)
+            raise InvalidRequest(message, message.split(" ", 1)[0]) from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidRequest(f"invalid sampling parameters: {exc}") from None
 
     @staticmethod
     def with_seed(params: SamplingParams) -> SamplingParams:
@@ -153,20 +298,48 @@ class GenerationService:
             return params
         return replace(params, seed=random.randrange(2**63))
 
+    # ------------------------------------------------------------------ admission
+
+    def admit(self, count: int, endpoint: str, adapter_id: str | None) -> Admission:
+        """Reserve in-flight slots for all `count` sequences of one request, or refuse it
+        whole (503 while draining, 429 when full) before anything starts."""
+        if self.draining or not self.engine.is_alive:
+            self.metrics.start_request(endpoint, adapter_id).finish("unavailable")
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        limit = self.config.server.max_concurrent_requests
+        if self._in_flight + count > limit:
+            self.metrics.start_request(endpoint, adapter_id).finish("overloaded")
+            raise Overloaded(f"{self._in_flight} sequences are in flight, the limit is {limit}; retry later")
+        self._in_flight += count
+        return Admission(self, count)
+
+    async def drain(self, timeout_s: float, poll_s: float = 0.05) -> int:
+        """SIGTERM: refuse new requests; give running ones `timeout_s` to finish, then end
+        the rest (finish_reason "abort", each with its final event). Returns how many were
+        ended early."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        aborted = self.engine.abort_all() if self.engine.is_alive else 0
+        if aborted:
+            logger.warning("drain bound of %.1f s reached: ending %d running requests", timeout_s, aborted)
+        deadline = time.monotonic() + 5.0  # the final events flush
+        while self._in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        return aborted
+
     # ------------------------------------------------------------------ running
 
-    async def stream(self, generation: Generation, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def stream(self, generation: Generation, request_id: str,
+                     admission: Admission | None = None) -> AsyncIterator[RequestOutput]:
         """Run one request; raises ServiceError before the first output, or GenerationFailed
         for a request the engine ended with an error. `request_id` (the client's, maybe
-        reused) gets a unique suffix in the engine."""
-        if self._in_flight >= self.config.server.max_concurrent_requests:
-            self.metrics.start_request(generation.endpoint, generation.adapter_id).finish("overloaded")
-            raise Overloaded(
-                f"{self._in_flight} requests are in flight, the limit is "
-                f"{self.config.server.max_concurrent_requests}; retry later"
-            )
+        reused) gets a unique suffix in the engine. `admission`: this stream's reserved slot
+        (None: reserve one here)."""
+        if admission is None:
+            admission = self.admit(1, generation.endpoint, generation.adapter_id)
         timer = self.metrics.start_request(generation.endpoint, generation.adapter_id)
-        self._in_flight += 1
         outcome, generated = "abort", 0
         try:
             stream = self.engine.generate(
@@ -191,5 +364,5 @@ class GenerationService:
             outcome = "invalid"
             raise InvalidRequest(str(exc)) from None
         finally:
-            self._in_flight -= 1
+            admission.release_one()
             timer.finish(outcome, len(generation.prompt_token_ids), generated)

@@ -19,22 +19,28 @@ from pydantic import BaseModel, ConfigDict, Field
 from loramux.scheduler.output import TokenLogprobs
 from loramux.scheduler.request import FinishReason
 from loramux.server.api.auth import check_api_key
+from loramux.server.api.redact import redact_paths
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
 from loramux.server.api.sse import sse_event, sse_response
 from loramux.server.outputs import RequestOutput
-from loramux.server.service import Generation, GenerationService, InvalidRequest, ServiceError
+from loramux.server.service import Admission, Generation, GenerationService, InvalidRequest, ServiceError
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
-STATUS = {"validation": 400, "not_found": 404, "overloaded": 429, "generation": 500, "internal": 500}
+STATUS = {"validation": 400, "forbidden": 403, "not_found": 404, "too_large": 413, "overloaded": 429,
+          "unavailable": 503, "generation": 500, "internal": 500}
 TYPES = {
     "validation": "BadRequestError",
+    "forbidden": "PermissionDeniedError",
     "not_found": "NotFoundError",
     "overloaded": "RateLimitError",
+    "unavailable": "ServiceUnavailableError",
+    "too_large": "BadRequestError",
     "generation": "InternalServerError",
     "internal": "InternalServerError",
 }
 MAX_N = 16
+SCALARS = (str, int, float, bool, type(None))
 
 
 class OpenAIError(Exception):
@@ -43,10 +49,17 @@ class OpenAIError(Exception):
         self.error = error
 
 
+def openai_error_body(error: ServiceError, status: int | None = None) -> dict:
+    status = status or STATUS.get(error.kind, 500)
+    message = redact_paths(error.message)
+    kind = TYPES.get(error.kind, "InternalServerError")
+    return {"error": {"message": message, "type": kind, "param": error.param, "code": status}}
+
+
 def openai_error_response(error: ServiceError, status: int | None = None) -> JSONResponse:
-    status = status or STATUS[error.kind]
-    body = {"error": {"message": error.message, "type": TYPES[error.kind], "param": error.param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    status = status or STATUS.get(error.kind, 500)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(openai_error_body(error, status), status_code=status, headers=headers)
 
 
 # --------------------------------------------------------------------------- requests
@@ -59,7 +72,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """What chat and completions requests share (OpenAI fields plus vLLM's extras)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN/Infinity: 400 naming the field
 
     model: str = ""
     temperature: float | None = None
@@ -84,10 +97,11 @@ class SamplingFields(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -99,6 +113,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict] | None = None
     response_format: dict | None = None
     add_generation_prompt: bool = True
+    # Client templates are code-like Jinja: refused unless --trust-request-chat-template.
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -137,20 +153,23 @@ def _params(service: GenerationService, body: SamplingFields, prompt_len: int, m
             max_param: str, logprobs: int | None, prompt_logprobs: int | None):
     if not 1 <= body.n <= MAX_N:
         raise _fail(f"n must be between 1 and {MAX_N}", "n")
+    stop = _stops(body.stop)
+    stop_token_ids = tuple(body.stop_token_ids or ())
     try:
+        service.check_stops(stop, stop_token_ids)
         params = service.sampling_params(
             max_tokens=service.max_new_tokens(prompt_len, max_tokens, max_param),
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=body.top_k or 0,
+            top_k=0 if body.top_k in (None, -1) else body.top_k,  # vLLM: -1 = off
             min_p=body.min_p or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             seed=body.seed,
-            stop=_stops(body.stop),
+            stop=stop,
             include_stop_str_in_output=body.include_stop_str_in_output,
-            stop_token_ids=tuple(body.stop_token_ids or ()),
+            stop_token_ids=stop_token_ids,
             ignore_eos=body.ignore_eos,
             min_tokens=body.min_tokens,
             logprobs=logprobs,
@@ -210,29 +229,39 @@ def _generations(service: GenerationService, prompts: list[list[int]], make_para
     return generations
 
 
-async def _run_all(service: GenerationService, generations: list[Generation], request_id: str) -> list[_Choice]:
+async def _run_all(service: GenerationService, generations: list[Generation], request_id: str,
+                   admission: Admission) -> list[_Choice]:
+    """Run every choice; the first that fails cancels its siblings (which frees their KV
+    blocks at once) and its error is the request's."""
     choices = [_Choice(i, g) for i, g in enumerate(generations)]
 
     async def run(choice: _Choice) -> None:
-        async for output in service.stream(choice.generation, f"{request_id}-{choice.index}"):
+        async for output in service.stream(choice.generation, f"{request_id}-{choice.index}", admission):
             choice.add(output)
 
+    tasks = [asyncio.create_task(run(c)) for c in choices]
     try:
-        await asyncio.gather(*(run(c) for c in choices))
-    except ServiceError as exc:
-        raise OpenAIError(exc) from None
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t.exception() for t in done if t.exception() is not None), None)
+        if failed is not None:
+            raise failed
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return choices
 
 
-async def _merged(service: GenerationService, generations: list[Generation],
-                  request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of all choices as they come, tagged with the choice index."""
+async def _merged(service: GenerationService, generations: list[Generation], request_id: str,
+                  admission: Admission) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of all choices as they come, tagged with the choice index; the first error
+    ends them all."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
     async def pump(index: int, generation: Generation) -> None:
         try:
-            async for output in service.stream(generation, f"{request_id}-{index}"):
+            async for output in service.stream(generation, f"{request_id}-{index}", admission):
                 await queue.put((index, output))
         except ServiceError as exc:
             await queue.put(exc)
@@ -271,18 +300,43 @@ def _prompt_tokens(generations: list[Generation], n: int) -> int:
 
 
 def _chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    """Messages as the template sees them: text content parts joined, extra fields scalar."""
     messages = []
     for i, message in enumerate(body.messages):
         content = message.content
         if isinstance(content, list):
             parts = []
-            for part in content:
+            for j, part in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
                 if part.get("type") != "text":
-                    raise _fail(f"messages[{i}]: only text content parts are supported", "messages")
-                parts.append(part.get("text", ""))
+                    raise _fail(f"{where}: only text content parts are supported", "messages")
+                if not isinstance(part.get("text"), str):
+                    raise _fail(f"{where}.text must be a string", "messages")
+                parts.append(part["text"])
             content = "".join(parts)
+        extra = message.model_extra or {}
+        for key, value in extra.items():
+            if not isinstance(value, SCALARS):
+                raise _fail(f"messages[{i}].{key} must be a string, number or boolean", "messages")
         messages.append({**message.model_dump(exclude_none=True), "role": message.role, "content": content or ""})
     return messages
+
+
+def _template_kwargs(service: GenerationService, body: ChatCompletionRequest) -> dict:
+    """chat_template and non-scalar chat_template_kwargs values need the trust flag: a
+    template is a program, and nested values reach its loops."""
+    kwargs = body.chat_template_kwargs or {}
+    if service.config.server.trust_request_chat_template:
+        return kwargs
+    if body.chat_template is not None:
+        raise _fail("chat_template is refused: this server does not run client templates "
+                    "(start it with --trust-request-chat-template to allow them)", "chat_template")
+    for key, value in kwargs.items():
+        if not isinstance(value, SCALARS):
+            raise _fail(f"chat_template_kwargs.{key} must be a string, number, boolean or null "
+                        "(start the server with --trust-request-chat-template to allow others)",
+                        "chat_template_kwargs")
+    return kwargs
 
 
 def _chat_logprobs(service: GenerationService, logprobs: list[TokenLogprobs]) -> dict:
@@ -297,20 +351,20 @@ def _chat_logprobs(service: GenerationService, logprobs: list[TokenLogprobs]) ->
     }
 
 
-def _chat_generations(service: GenerationService, body: ChatCompletionRequest) -> list[Generation]:
+async def _chat_generations(service: GenerationService, body: ChatCompletionRequest) -> list[Generation]:
     if body.tools:
         raise _fail("tools are not supported", "tools")
     if body.response_format and body.response_format.get("type") not in (None, "text"):
         raise _fail("response_format other than text is not supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise _fail("top_logprobs needs logprobs=true", "top_logprobs")
+    if not 1 <= body.n <= MAX_N:
+        raise _fail(f"n must be between 1 and {MAX_N}", "n")
+    service.check_choices(body.n)
     adapter = _resolve_model(service, body.model)
-    try:
-        text = service.chat_prompt(_chat_messages(body), body.add_generation_prompt, **(body.chat_template_kwargs or {}))
-        prompt = service.encode(text, add_special_tokens=False)
-        service.check_prompt(prompt, "messages")
-    except ServiceError as exc:
-        raise OpenAIError(exc) from None
+    messages = _chat_messages(body)
+    kwargs = _template_kwargs(service, body)
+    prompt = await service.render_chat(messages, body.add_generation_prompt, body.chat_template, **kwargs)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -324,14 +378,21 @@ def _chat_generations(service: GenerationService, body: ChatCompletionRequest) -
 @router.post("/chat/completions")
 async def chat_completions(request: Request, body: ChatCompletionRequest,
                            service: GenerationService = Depends(get_service)):
-    generations = _chat_generations(service, body)
+    generations = await _chat_generations(service, body)
     request_id = current_request_id()
     created = int(time.time())
     response_id = f"chatcmpl-{request_id}"
     model = body.model or service.served_model_name
+    # All choices' slots, reserved before any starts: a full server answers 429 here,
+    # before a stream's 200.
+    admission = service.admit(len(generations), "chat", generations[0].adapter_id)
     if body.stream:
-        return sse_response(_chat_stream(service, body, generations, request_id, response_id, created, model))
-    choices = await cancel_on_disconnect(request, _run_all(service, generations, request_id))
+        events = _chat_stream(service, body, generations, request_id, response_id, created, model, admission)
+        return sse_response(events, on_close=admission.release)
+    try:
+        choices = await cancel_on_disconnect(request, _run_all(service, generations, request_id, admission))
+    finally:
+        admission.release()
     return {
         "id": response_id,
         "object": "chat.completion",
@@ -351,12 +412,13 @@ async def chat_completions(request: Request, body: ChatCompletionRequest,
     }
 
 
-async def _chat_stream(service, body, generations, request_id, response_id, created, model) -> AsyncIterator[str]:
+async def _chat_stream(service, body, generations, request_id, response_id, created, model,
+                       admission) -> AsyncIterator[str]:
     async def choices(counter: list[int]) -> AsyncIterator[dict]:
         for index in range(len(generations)):
             yield {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                    "finish_reason": None}
-        async for index, output in _merged(service, generations, request_id):
+        async for index, output in _merged(service, generations, request_id, admission):
             counter[0] += len(output.new_token_ids)
             if not output.new_text and not output.finished and not (body.logprobs and output.new_logprobs):
                 continue
@@ -395,8 +457,7 @@ async def _sse_chunks(body: SamplingFields, header: dict, generations: list[Gene
         async for choice in choices(counter):
             yield chunk([choice])
     except ServiceError as exc:
-        yield sse_event({"error": {"message": exc.message, "type": TYPES[exc.kind], "param": exc.param,
-                                   "code": STATUS[exc.kind]}})
+        yield sse_event(openai_error_body(exc))
         yield sse_event("[DONE]")
         return
     if include_usage:
@@ -407,16 +468,24 @@ async def _sse_chunks(body: SamplingFields, header: dict, generations: list[Gene
 # --------------------------------------------------------------------------- completions
 
 
-def _completion_prompts(service: GenerationService, prompt) -> list[list[int]]:
+async def _completion_prompts(service: GenerationService, prompt, n: int) -> list[list[int]]:
+    """Prompts as token ids; the count (x n) and each text's length are checked before
+    anything is tokenized, and tokenizing runs on a worker thread."""
     if isinstance(prompt, str):
-        return [service.encode(prompt)]
+        prompt = [prompt]
     if not prompt:
         raise _fail("prompt is empty", "prompt")
     if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
+        prompt = [prompt]
+    service.check_choices(len(prompt) * n, "prompt" if len(prompt) > 1 else "n")
     if all(isinstance(p, str) for p in prompt):
-        return [service.encode(p) for p in prompt]
+        for p in prompt:
+            service.check_prompt_chars(p, "prompt")
+        return [await service.encode_async(p, "prompt") for p in prompt]
     if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+        for p in prompt:
+            service.check_token_ids(p, "prompt")
+            service.check_prompt(p, "prompt")
         return [list(p) for p in prompt]
     raise _fail("prompt must be a string, a list of strings, or token ids", "prompt")
 
@@ -435,21 +504,15 @@ def _completion_logprobs(service: GenerationService, entries: list[tuple[int, To
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def _completion_generations(service: GenerationService, body: CompletionRequest) -> list[Generation]:
+async def _completion_generations(service: GenerationService, body: CompletionRequest) -> list[Generation]:
     if body.suffix:
         raise _fail("suffix is not supported", "suffix")
     if body.best_of not in (None, body.n):
         raise _fail("best_of must equal n (or be omitted)", "best_of")
+    if not 1 <= body.n <= MAX_N:
+        raise _fail(f"n must be between 1 and {MAX_N}", "n")
     adapter = _resolve_model(service, body.model)
-    prompts = _completion_prompts(service, body.prompt)
-    vocab = len(service.tokenizer)
-    for prompt in prompts:
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise _fail(f"token ids must be in [0, {vocab})", "prompt")
-        try:
-            service.check_prompt(prompt, "prompt")
-        except ServiceError as exc:
-            raise OpenAIError(exc) from None
+    prompts = await _completion_prompts(service, body.prompt, body.n)
     prompt_logprobs = body.logprobs if (body.echo and body.logprobs is not None) else None
     return _generations(
         service, prompts,
@@ -461,17 +524,22 @@ def _completion_generations(service: GenerationService, body: CompletionRequest)
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest,
                       service: GenerationService = Depends(get_service)):
-    generations = _completion_generations(service, body)
+    generations = await _completion_generations(service, body)
     request_id = current_request_id()
     created = int(time.time())
     response_id = f"cmpl-{request_id}"
     model = body.model or service.served_model_name
+    admission = service.admit(len(generations), "completions", generations[0].adapter_id)
     if body.stream:
-        return sse_response(_completion_stream(service, body, generations, request_id, response_id, created, model))
-    choices = await cancel_on_disconnect(request, _run_all(service, generations, request_id))
+        events = _completion_stream(service, body, generations, request_id, response_id, created, model, admission)
+        return sse_response(events, on_close=admission.release)
+    try:
+        choices = await cancel_on_disconnect(request, _run_all(service, generations, request_id, admission))
+    finally:
+        admission.release()
     out = []
     for c in choices:
-        prompt_text = service.tokenizer.decode(c.generation.prompt_token_ids) if body.echo else ""
+        prompt_text = await service.decode_async(c.generation.prompt_token_ids) if body.echo else ""
         logprobs = None
         if body.logprobs is not None:
             entries: list[tuple[int, TokenLogprobs | None]] = []
@@ -497,15 +565,16 @@ async def completions(request: Request, body: CompletionRequest,
     }
 
 
-async def _completion_stream(service, body, generations, request_id, response_id, created, model) -> AsyncIterator[str]:
+async def _completion_stream(service, body, generations, request_id, response_id, created, model,
+                             admission) -> AsyncIterator[str]:
     async def choices(counter: list[int]) -> AsyncIterator[dict]:
         echoed: set[int] = set()
-        async for index, output in _merged(service, generations, request_id):
+        async for index, output in _merged(service, generations, request_id, admission):
             counter[0] += len(output.new_token_ids)
             text = output.new_text
             if body.echo and index not in echoed:
                 echoed.add(index)
-                text = service.tokenizer.decode(generations[index].prompt_token_ids) + text
+                text = await service.decode_async(generations[index].prompt_token_ids) + text
             if not text and not output.finished:
                 continue
             logprobs = None

@@ -16,14 +16,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from loramux.scheduler.output import TokenLogprobs
 from loramux.scheduler.request import FinishReason
 from loramux.server.api.auth import check_api_key
+from loramux.server.api.redact import redact_paths
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
 from loramux.server.api.sse import sse_event, sse_response
 from loramux.server.outputs import RequestOutput
-from loramux.server.service import Generation, GenerationService, InvalidRequest, ServiceError
+from loramux.server.service import (
+    MAX_SEED,
+    Admission,
+    Generation,
+    GenerationService,
+    InvalidRequest,
+    ServiceError,
+    ShuttingDown,
+)
 
 router = APIRouter()
 
-STATUS = {"validation": 422, "not_found": 404, "overloaded": 429, "generation": 424, "internal": 500}
+STATUS = {"validation": 422, "forbidden": 403, "not_found": 404, "too_large": 413, "overloaded": 429,
+          "unavailable": 503, "generation": 424, "internal": 500}
 
 
 class TgiError(Exception):
@@ -34,12 +44,18 @@ class TgiError(Exception):
         self.error = error
 
 
-def tgi_error_response(error: ServiceError) -> JSONResponse:
-    return JSONResponse({"error": error.message, "error_type": error.kind}, status_code=STATUS[error.kind])
+def tgi_error_body(error: ServiceError) -> dict:
+    return {"error": redact_paths(error.message), "error_type": error.kind}
+
+
+def tgi_error_response(error: ServiceError, status: int | None = None) -> JSONResponse:
+    status = status or STATUS.get(error.kind, 500)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(tgi_error_body(error), status_code=status, headers=headers)
 
 
 class TgiParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN/Infinity: 422 naming the field
 
     adapter_id: str | None = None
     adapter_source: str | None = None
@@ -55,7 +71,7 @@ class TgiParameters(BaseModel):
     max_new_tokens: int | None = None
     repetition_penalty: float | None = None
     return_full_text: bool | None = False
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: list[str] | None = None
     temperature: float | None = None
     top_k: int | None = None
@@ -93,16 +109,20 @@ def _refuse_unsupported(p: TgiParameters) -> None:
         )
 
 
-def build_generation(service: GenerationService, body: TgiRequest) -> Generation:
+async def build_generation(service: GenerationService, body: TgiRequest) -> Generation:
     p = body.parameters
     _refuse_unsupported(p)
     adapter = service.resolve_adapter(p.adapter_id)
-    prompt = service.encode(body.inputs)
+    stop = tuple(p.stop or ())
+    service.check_stops(stop, ())
     if p.truncate is not None:
         if p.truncate < 1:
             raise InvalidRequest("truncate must be at least 1", "truncate")
-        prompt = prompt[-p.truncate :]
-    service.check_prompt(prompt, "inputs")
+        service.check_prompt_chars(body.inputs, "inputs")
+        prompt = (await service.encode_async_unchecked(body.inputs))[-p.truncate :]
+        service.check_prompt(prompt, "inputs")
+    else:
+        prompt = await service.encode_async(body.inputs, "inputs")
     if p.temperature is not None and p.temperature < 0:
         raise InvalidRequest("temperature must be >= 0", "temperature")
     # TGI: any sampling knob turns sampling on; temperature 0 means greedy.
@@ -123,7 +143,7 @@ def build_generation(service: GenerationService, body: TgiRequest) -> Generation
         presence_penalty=p.presence_penalty or 0.0,
         frequency_penalty=p.frequency_penalty or 0.0,
         seed=p.seed,
-        stop=tuple(p.stop or ()),
+        stop=stop,
         ignore_eos=p.ignore_eos_token,
         logprobs=k or 0,  # every token carries a numeric logprob
         prompt_logprobs=(k or 0) if p.decoder_input_details else None,
@@ -160,11 +180,11 @@ def prefill_json(service: GenerationService, generation: Generation, prompt_logp
     ]
 
 
-async def _generate(service: GenerationService, body: TgiRequest) -> dict:
-    generation = build_generation(service, body)
+async def _generate(service: GenerationService, body: TgiRequest, generation: Generation,
+                    admission: Admission) -> dict:
     p = body.parameters
     text, tokens, prompt_logprobs, last = "", [], [], None
-    async for output in service.stream(generation, current_request_id()):
+    async for output in service.stream(generation, current_request_id(), admission):
         text += output.new_text
         prompt_logprobs += output.prompt_logprobs
         for token_id, lp in zip(output.new_token_ids, output.new_logprobs or [None] * len(output.new_token_ids)):
@@ -184,11 +204,12 @@ async def _generate(service: GenerationService, body: TgiRequest) -> dict:
     return response
 
 
-async def _stream_events(service: GenerationService, body: TgiRequest, generation: Generation) -> AsyncIterator[str]:
+async def _stream_events(service: GenerationService, body: TgiRequest, generation: Generation,
+                         admission: Admission) -> AsyncIterator[str]:
     text = ""
     p = body.parameters
     try:
-        async for output in service.stream(generation, current_request_id()):
+        async for output in service.stream(generation, current_request_id(), admission):
             text += output.new_text
             if not output.new_token_ids:
                 continue
@@ -208,21 +229,25 @@ async def _stream_events(service: GenerationService, body: TgiRequest, generatio
                 }
             yield sse_event(event, space=False)
     except ServiceError as exc:
-        yield sse_event({"error": exc.message, "error_type": exc.kind}, space=False)
-
-
-async def _stream(service: GenerationService, body: TgiRequest):
-    generation = build_generation(service, body)  # errors before the stream: a plain 4xx
-    return sse_response(_stream_events(service, body, generation))
+        yield sse_event(tgi_error_body(exc), space=False)
 
 
 async def _run(request: Request, body: TgiRequest, service: GenerationService, stream: bool):
+    """Validation and admission (429/503) happen before the response starts: a stream that
+    cannot run gets a plain 4xx/5xx, never an error event after a 200."""
     try:
-        if stream:
-            return await _stream(service, body)
-        return await cancel_on_disconnect(request, _generate(service, body))
+        generation = await build_generation(service, body)
+        admission = service.admit(1, "generate", generation.adapter_id)
     except ServiceError as exc:
         raise TgiError(exc) from None
+    if stream:
+        return sse_response(_stream_events(service, body, generation, admission), on_close=admission.release)
+    try:
+        return await cancel_on_disconnect(request, _generate(service, body, generation, admission))
+    except ServiceError as exc:
+        raise TgiError(exc) from None
+    finally:
+        admission.release()
 
 
 @router.post("/generate", dependencies=[Depends(check_api_key)])
@@ -254,8 +279,12 @@ async def info(request: Request, service: GenerationService = Depends(get_servic
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": config.server.max_concurrent_requests,
         "max_best_of": 1,
-        "max_stop_sequences": 16,
-        "max_input_length": service.max_model_len - 1,
+        "max_stop_sequences": config.server.max_stop_sequences,
+        "max_stop_sequence_chars": config.server.max_stop_sequence_chars,
+        "max_input_length": service.prompt_token_limit,
+        "max_input_chars": service.prompt_char_limit,
+        "max_choices_per_request": config.server.max_choices_per_request,
+        "max_request_body_bytes": config.server.max_request_body_bytes,
         "max_total_tokens": service.max_model_len,
         "max_batch_total_tokens": config.scheduling.max_num_batched_tokens,
         "max_adapters": config.lora.max_loras,
@@ -271,4 +300,6 @@ async def info(request: Request, service: GenerationService = Depends(get_servic
 async def health(service: GenerationService = Depends(get_service)):
     if not service.engine.is_alive:
         return JSONResponse({"error": "the engine is not running", "error_type": "unhealthy"}, status_code=503)
+    if service.draining:
+        return tgi_error_response(ShuttingDown("the server is shutting down"))
     return {}
