@@ -75,13 +75,15 @@ class Server:
 
 
 def start_server(args: list[str], log_path: Path, api_key: str | None = None,
-                 admin_key: str | None = None) -> Server:
-    """`python -m loramux.server.cli serve ARGS --port P`; returns once /health answers 200."""
+                 admin_key: str | None = None, env: dict[str, str] | None = None,
+                 module: str = "loramux.server.cli") -> Server:
+    """`python -m MODULE serve ARGS --port P`; returns once /health answers 200. `env` adds
+    environment variables; `module` swaps the entry point (tests/e2e/fault_server.py)."""
     port = free_port()
-    env = {**os.environ, "LORAMUX_HOME": str(log_path.parent / "home"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "LORAMUX_HOME": str(log_path.parent / "home"), "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(log_path, "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "loramux.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port), *args],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()
