@@ -8,7 +8,7 @@ export LORAMUX_HOME ?= $(HOME)/.cache/loramux
 MODEL_DIR := $(LORAMUX_HOME)/models/smollm2-135m-instruct
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install model serve test test-slow test-kernels golden bench-engine bench-continuous bench-adapters bench-serve clean
+.PHONY: install model serve test test-slow test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,12 @@ bench-adapters: install model
 
 bench-serve: install model
 	$(BIN)/python -m bench.bench_serve
+
+# Ten minutes of mixed, partly hostile traffic against a real server; shorter with
+# make bench-soak SOAK_ARGS="--duration 60". Result: bench/results/bench_soak.json.
+SOAK_ARGS ?=
+bench-soak: install model
+	$(BIN)/python -m bench.bench_soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

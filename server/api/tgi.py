@@ -287,6 +287,7 @@ async def info(request: Request, service: GenerationService = Depends(get_servic
         "max_request_body_bytes": config.server.max_request_body_bytes,
         "max_total_tokens": service.max_model_len,
         "max_batch_total_tokens": config.scheduling.max_num_batched_tokens,
+        "kv_cache_blocks": service.parts.core.scheduler.config.num_kv_blocks,
         "max_adapters": config.lora.max_loras,
         "max_lora_rank": config.lora.max_lora_rank,
         "adapter_source": "registry",
