@@ -37,6 +37,7 @@ MAX_SEED = 2**63 - 1
 # prompt longer than 16 characters per allowed token cannot fit: refuse it before tokenizing.
 CHARS_PER_TOKEN_BOUND = 16
 TOKENIZER_THREADS = 2
+SAMPLING_EPS = 1e-5
 
 
 class ServiceError(Exception):
@@ -280,6 +281,9 @@ class GenerationService:
             if isinstance(value, float) and not math.isfinite(value):
                 raise InvalidRequest(f"{name} must be a finite number", name)
         self.check_seed(fields.get("seed"))
+        temperature = fields.get("temperature")
+        if isinstance(temperature, float) and 0.0 < temperature < SAMPLING_EPS:
+            fields["temperature"] = 0.0  # as vLLM: logits / 1e-300 overflow; this close to 0 is greedy
         top_k = fields.get("top_k")
         if isinstance(top_k, int) and top_k > self.vocab_size:
             fields["top_k"] = 0  # keeping more tokens than the vocabulary has keeps all of them
@@ -297,6 +301,15 @@ class GenerationService:
         if params.greedy or params.seed is not None:
             return params
         return replace(params, seed=random.randrange(2**63))
+
+    def _was_deleted(self, adapter_id: str | None) -> bool:
+        if adapter_id is None:
+            return False
+        try:
+            self.parts.store.info(adapter_id)
+        except AdapterError:
+            return True
+        return False
 
     # ------------------------------------------------------------------ admission
 
@@ -353,6 +366,10 @@ class GenerationService:
                 generated = output.num_output_tokens
                 if output.finished and output.finish_reason is FinishReason.ERROR:
                     outcome = "error"
+                    if output.num_output_tokens == 0 and self._was_deleted(generation.adapter_id):
+                        # deleted between admission and its first step: the client named an
+                        # adapter that is gone, which is a 404, not a server failure
+                        raise UnknownAdapter(f"adapter {generation.adapter_id!r} was deleted", "adapter_id")
                     raise GenerationFailed(output.error or "generation failed")
                 if output.finished:
                     outcome = output.finish_reason.value if output.finish_reason else "stop"

@@ -142,7 +142,9 @@ def create_app(parts: EngineParts, metrics: ServerMetrics,
                 response = await call_next(request)
             response.headers[REQUEST_ID_HEADER] = request_id
             logger.info(
-                "%s %s -> %d (%.0f ms)", escape_for_log(request.method, 16), escape_for_log(request.url.path),
+                # scope["path"]: the path as sent (percent-decoded); request.url would drop
+                # control characters silently, this shows them escaped.
+                "%s %s -> %d (%.0f ms)", escape_for_log(request.method, 16), escape_for_log(request.scope["path"]),
                 response.status_code, (time.perf_counter() - started) * 1e3,
             )
             return response
