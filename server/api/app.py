@@ -55,8 +55,6 @@ class _ErrorText(ServiceError):
         self.kind = kind
 
 
-
-
 def _is_openai_path(path: str) -> bool:
     return path.startswith("/v1/")
 
