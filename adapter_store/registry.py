@@ -37,6 +37,7 @@ from loramux.adapter_store.format import (
     resolve_targets,
 )
 from loramux.adapter_store.ids import is_valid_adapter_id
+from loramux.adapter_store.value_limits import check_scalings
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class Describer:
     def __init__(self, spec: BaseModelSpec, max_rank: int, dtype: torch.dtype) -> None:
         self.spec = spec
         self.max_rank = max_rank
+        self.dtype = dtype
         self._elem = torch.empty((), dtype=dtype).element_size()
         self._cache: dict[tuple, tuple[int, tuple[str, ...], int]] = {}
 
@@ -176,6 +178,12 @@ class Describer:
         if largest.rank > self.max_rank:
             where = spec.module_name(layer, module)
             raise AdapterTooLarge(adapter_id, config_path, largest.rank, self.max_rank, where)
+        check_scalings(
+            adapter_id,
+            config_path,
+            {spec.module_name(*key): target.scaling for key, target in targets.items()},
+            self.dtype,
+        )
         num_bytes = sum(
             t.rank * sum(spec.module_shapes[module]) * self._elem
             for (_, module), t in targets.items()
