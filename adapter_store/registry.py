@@ -72,7 +72,8 @@ class AdapterEntry:
         return (self.adapter_id, self.version)
 
     def fail(self, error: BaseException) -> None:
-        self.error = str(error)
+        # Shown to clients (request errors, adapter listings): no server paths in it.
+        self.error = error.public_message() if isinstance(error, AdapterError) else str(error)
         self.error_type = type(error).__name__
 
 
