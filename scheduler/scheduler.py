@@ -293,8 +293,9 @@ class Scheduler:
                 return _Admission.SKIPPED
         else:
             slot = held
-            if slot != BASE_SLOT and slot not in running_slots and len(running_slots) >= self.config.max_loras:
-                return _Admission.SKIPPED
+            max_loras_full = len(running_slots) >= self.config.max_loras
+            if slot != BASE_SLOT and slot not in running_slots and max_loras_full:
+                return _Admission.SKIPPED  # waits with its lease, like any skipped request
         num_new = self._chunk_size(request, plan.token_budget)
         if not self.kv_cache.allocate_slots(request, num_new):
             if held is None:
