@@ -29,13 +29,19 @@ class AdapterError(Exception):
         """The message for clients: the file's name only, never a path on this server
         (also where the reason quotes one, as an OSError's text does)."""
         if self.path is None:
-            return str(self)
+            return encodable_text(str(self))
         path = PurePath(self.path)
         reason = self.reason
         for directory in (str(path), str(path.parent)):
             if len(directory) > 1:
                 reason = reason.replace(directory, "<adapter>" if directory != str(path) else path.name)
-        return f"adapter {self.adapter_id!r} ({path.name}): {reason}"
+        return encodable_text(f"adapter {self.adapter_id!r} ({path.name}): {reason}")
+
+
+def encodable_text(text: str) -> str:
+    """`text` with lone surrogates (from JSON escapes like \\ud800, or undecodable file
+    names) written as escapes, so it encodes as UTF-8 in a JSON reply or a log."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class AdapterNotFound(AdapterError):

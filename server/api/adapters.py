@@ -28,6 +28,7 @@ from loramux.adapter_store.errors import (
     PinLimitExceeded,
     UploadsDisabled,
     UploadTooLarge,
+    encodable_text,
 )
 from loramux.adapter_store.store import AdapterInfo
 from loramux.kernels.openmp import set_thread_openmp_threads
@@ -80,6 +81,7 @@ def _error(exc: Exception):
     """Map the store's typed errors to HTTP answers in the OpenAI error shape; messages
     name the user's file, never a path on this server."""
     if isinstance(exc, UploadRejected):
+        exc.message = encodable_text(exc.message)  # may quote an archive's member names
         response = openai_error_response(exc, exc.status)
         if exc.status == 429:
             response.headers["Retry-After"] = "1"
@@ -110,8 +112,9 @@ _FORM_OVERHEAD = 64 << 10
 # A peft folder has a dozen files (adapter files, README.md, tokenizer files, ...).
 _MAX_FORM_FILES = 64
 _MAX_FORM_FIELDS = 16
-# Shown in the reply's `ignored_files`; more are counted, not named.
+# Shown in the reply's `ignored_files`; more are counted, not named; long names are cut.
 _MAX_NAMED_IGNORED = 100
+_MAX_NAME_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,8 @@ async def upload_adapter(request: Request, service: GenerationService = Depends(
     except ClientDisconnect:  # gone mid-body: the form is closed, the slot released
         raise ClientDisconnected() from None
     reply = info_json(info)
-    reply["ignored_files"] = list(upload.ignored[:_MAX_NAMED_IGNORED])
+    named = upload.ignored[:_MAX_NAMED_IGNORED]
+    reply["ignored_files"] = [encodable_text(name[:_MAX_NAME_CHARS]) for name in named]
     if len(upload.ignored) > _MAX_NAMED_IGNORED:
         reply["num_ignored_files"] = len(upload.ignored)
     return reply

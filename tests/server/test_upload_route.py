@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import tarfile
 import zipfile
 from types import SimpleNamespace
 
@@ -195,3 +196,24 @@ def test_ids_that_differ_only_in_case_get_409(app, spools):
     assert post(app, **files_form("Shared", good_files())).status_code == 201
     r = post(app, **files_form("shared", good_files()))
     assert r.status_code == 409 and r.json()["error"]["param"] == "adapter_id"
+
+
+def test_lone_surrogates_in_a_config_are_a_422_not_a_500(app, spools):
+    files = good_files()
+    files["adapter_config.json"] = (b'{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], '
+                                    b'"init_lora_weights": "pissa\\ud800"}')
+    r = post(app, **files_form("surrogate", files))
+    assert r.status_code == 422, r.text
+    assert "pissa\\ud800" in r.json()["error"]["message"]
+
+
+def test_undecodable_member_names_are_named_escaped(app, spools):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", encoding="utf-8", errors="surrogateescape") as archive:
+        for name, data in {**good_files(), "caf\udce9.md": b"card"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    r = post(app, data={"adapter_id": "latin"}, files={"file": ("a.tar.gz", buffer.getvalue())})
+    assert r.status_code == 201, r.text
+    assert r.json()["ignored_files"] == ["caf\\udce9.md"]
