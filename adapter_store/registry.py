@@ -23,6 +23,7 @@ import torch
 
 from loramux.adapter_store.errors import (
     AdapterError,
+    AdapterInvalid,
     AdapterNotFound,
     AdapterTooLarge,
     AdapterUnsupported,
@@ -168,6 +169,9 @@ class Describer:
             return self.describe(adapter_id, directory), None
         except AdapterError as e:
             return None, e
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte, no permission, ...
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            return None, AdapterInvalid(adapter_id, directory, f"cannot read the adapter: {reason}")
 
     def _resolve(
         self, adapter_id: str, config: LoraAdapterConfig, config_path: Path

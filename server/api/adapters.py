@@ -378,7 +378,11 @@ class UnloadLoraAdapterRequest(BaseModel):
 
 def _inside_adapter_dirs(path: str, roots: tuple[Path, ...]) -> Path:
     """A path the admin named, accepted only inside a configured adapter directory."""
-    resolved = Path(path).resolve()
+    try:
+        resolved = Path(path).resolve()
+    except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a name too long, a link loop
+        reason = f"lora_path is not a usable path: {type(exc).__name__}"
+        raise UploadRejected(reason, "lora_path", status=400) from None
     for root in roots:
         if resolved.is_relative_to(root.resolve()) and resolved != root.resolve():
             return resolved

@@ -217,3 +217,30 @@ def test_undecodable_member_names_are_named_escaped(app, spools):
     r = post(app, data={"adapter_id": "latin"}, files={"file": ("a.tar.gz", buffer.getvalue())})
     assert r.status_code == 201, r.text
     assert r.json()["ignored_files"] == ["caf\\udce9.md"]
+
+
+def test_unusable_lora_paths_are_4xx(tmp_path, spools):
+    adapter_dir = tmp_path / "adapters"
+    adapter_dir.mkdir()
+    store = make_store(adapter_dir, upload_root=tmp_path / "uploads")
+    store.start(run_loader=False)
+    app = FastAPI()
+    app.include_router(adapters.router)
+    app.state.service = SimpleNamespace(parts=SimpleNamespace(store=store))
+    app.state.server_config = ServerConfig()
+    app.dependency_overrides[check_admin_key] = lambda: None
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return [
+                await c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+                for path in (f"{adapter_dir}/a\x00b", f"{adapter_dir}/{'a' * 5000}")
+            ]
+
+    try:
+        for r in asyncio.run(go()):
+            assert 400 <= r.status_code < 500, r.text
+            assert str(tmp_path) not in r.json()["error"]["message"]
+    finally:
+        store.close()
