@@ -42,7 +42,11 @@ from loramux.adapter_store.errors import (
     AdapterTooLarge,
     AdapterUnsupported,
 )
-from loramux.adapter_store.patterns import PatternMatcher, check_pattern
+from loramux.adapter_store.patterns import (
+    MAX_CONFIG_PATTERN_CHARS,
+    PatternMatcher,
+    check_pattern,
+)
 from loramux.adapter_store.safetensors_views import FileChanged, MisalignedTensor, SafetensorsViews
 from loramux.adapter_store.value_limits import (
     MAX_ABS_LORA_ALPHA,
@@ -297,6 +301,7 @@ class _Fields:
         self.raw = raw
         self.adapter_id = adapter_id
         self.path = path
+        self.pattern_chars = 0  # over every pattern checked, against MAX_CONFIG_PATTERN_CHARS
 
     def invalid(self, key: str, expected: str) -> AdapterInvalid:
         got = _short(self.raw[key]) if key in self.raw else "nothing"
@@ -357,6 +362,14 @@ class _Fields:
         return value
 
     def check_regex(self, key: str, pattern: str) -> None:
+        self.pattern_chars += len(pattern)
+        if self.pattern_chars > MAX_CONFIG_PATTERN_CHARS:
+            raise AdapterInvalid(
+                self.adapter_id,
+                self.path,
+                f"the config's regex patterns ({key!r} and those before it) are longer than "
+                f"{MAX_CONFIG_PATTERN_CHARS} characters in all",
+            )
         problem = check_pattern(pattern)
         if problem is not None:
             raise AdapterInvalid(

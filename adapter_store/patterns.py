@@ -33,11 +33,28 @@ import regex
 
 from loramux.adapter_store.errors import AdapterInvalid
 
+# re's own parser gives a pattern's tree without expanding it (private, stable since 3.11;
+# the project needs Python >= 3.11).
+sre_constants = re._constants  # type: ignore[attr-defined]
+sre_parser = re._parser  # type: ignore[attr-defined]
+_REPEATS = (
+    sre_constants.MAX_REPEAT,
+    sre_constants.MIN_REPEAT,
+    sre_constants.POSSESSIVE_REPEAT,
+)
+
 # All matches of one config resolution together; real configs need well under 10 ms.
-MATCH_BUDGET_S = 0.5
-# Longest pattern accepted: real ones are a few hundred characters (an alternation of
-# module names at most); the cap bounds compile time and memory.
-MAX_PATTERN_CHARS = 16 << 10
+MATCH_BUDGET_S = 0.3
+# Longest pattern, and all patterns of one config together: real ones are a few hundred
+# characters (an alternation of module names at most). Checking and compiling cost up to
+# ~25 us a character with the GIL held (no timeout applies there), so the total bounds that
+# to ~0.4 s per config.
+MAX_PATTERN_CHARS = 8 << 10
+MAX_CONFIG_PATTERN_CHARS = 16 << 10
+# `regex` expands counted repeats when it compiles (no timeout applies there): `x{4294967294}`
+# exhausts memory and `((a{100}){100}){100}` takes 0.65 s, while `a{100000}` takes 40 ms.
+# So the pattern's size with every count multiplied out is bounded before it is compiled.
+MAX_EXPANDED_SIZE = 100_000
 
 
 class PatternMatcher:
@@ -59,6 +76,7 @@ class PatternMatcher:
         self._clock = clock
         self._deadline = clock() + budget_s
         self._budget_s = budget_s
+        self._compiled: dict[str, regex.Pattern] = {}  # compiled once per config
 
     def fullmatch(self, key: str, pattern: str, name: str) -> bool:
         """re.fullmatch(pattern, name) is not None."""
@@ -72,7 +90,9 @@ class PatternMatcher:
         left = self._deadline - self._clock()
         if left <= 0:
             raise self._too_slow(key, pattern)
-        compiled = compile_pattern(pattern)
+        compiled = self._compiled.get(pattern)
+        if compiled is None:
+            compiled = self._compiled[pattern] = compile_pattern(pattern)
         try:
             if full:
                 return compiled.fullmatch(name, timeout=left, concurrent=True) is not None
@@ -91,8 +111,8 @@ class PatternMatcher:
 
 
 def compile_pattern(pattern: str) -> regex.Pattern:
-    """The `regex` compilation of a pattern already checked by check_pattern (cached)."""
-    return regex.compile(pattern)
+    """The `regex` compilation of a pattern already checked by check_pattern."""
+    return regex.compile(pattern, cache_pattern=False)
 
 
 def check_pattern(pattern: str) -> str | None:
@@ -100,10 +120,45 @@ def check_pattern(pattern: str) -> str | None:
     if len(pattern) > MAX_PATTERN_CHARS:
         return f"is {len(pattern)} characters long, more than {MAX_PATTERN_CHARS}"
     try:
-        re.compile(pattern)  # PEFT's own syntax: what it refuses, we refuse
+        # PEFT's own syntax: what re's parser refuses, we refuse. Parsed, not compiled:
+        # re.compile holds the GIL for ~15 ms per wide character class ([\u0100-\uffff]),
+        # seconds for a config full of them.
+        size = _expanded_size(sre_parser.parse(pattern))
+        if size > MAX_EXPANDED_SIZE:
+            return (
+                f"repeats its parts {size:,} times when counted repeats are multiplied out, "
+                f"more than {MAX_EXPANDED_SIZE:,}"
+            )
         regex.compile(pattern)
     except (re.error, regex.error) as e:
         return f"is not a valid regex: {e}"
     except (RecursionError, OverflowError, MemoryError) as e:  # absurd nesting or counts
         return f"cannot be compiled: {type(e).__name__}"
     return None
+
+
+def _expanded_size(parsed) -> int:
+    """Items of a parsed pattern (re's parser: a tree, never expanded), with each counted
+    repeat's body counted max-count times (min-count when unbounded); stops growing past
+    MAX_EXPANDED_SIZE so an absurd pattern costs no more than a sane one."""
+    total = 0
+    for op, av in parsed:
+        if op in _REPEATS:
+            low, high, body = av
+            count = low if high == sre_constants.MAXREPEAT else high
+            total += max(count, 1) * _expanded_size(body)
+        elif op is sre_constants.SUBPATTERN:
+            total += _expanded_size(av[-1])
+        elif op is sre_constants.BRANCH:
+            total += sum(_expanded_size(branch) for branch in av[1])
+        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+            total += _expanded_size(av[1])
+        elif op is sre_constants.ATOMIC_GROUP:
+            total += _expanded_size(av)
+        elif op is sre_constants.GROUPREF_EXISTS:
+            total += sum(_expanded_size(branch) for branch in av[1:] if branch is not None)
+        else:
+            total += 1
+        if total > MAX_EXPANDED_SIZE:
+            return total
+    return total

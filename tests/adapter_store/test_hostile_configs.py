@@ -126,7 +126,11 @@ def test_lookarounds_still_work(adapter_dir):
     "changes, words",
     [
         (dict(target_modules="(q_proj"), "bad regex"),
-        (dict(target_modules="q_proj|" * 5000 + "v_proj"), "characters long"),
+        (dict(target_modules="q_proj|" * 1500 + "v_proj"), "characters long"),
+        (dict(rank_pattern={f"m{i}|" + "q" * 2000: 2 for i in range(10)}), "in all"),
+        (dict(target_modules=r"x{4294967294}"), "multiplied out"),  # regex.compile: out of memory
+        (dict(target_modules=r"((q{100}){100}){100}"), "multiplied out"),  # 0.65 s to compile
+        (dict(rank_pattern={r"(?>a{9999999})": 2}), "multiplied out"),
         (dict(rank_pattern={"(": 2}), "bad regex"),
         (dict(target_modules=[f"m{i}" for i in range(5000)]), "at most 4096 names"),
         (dict(rank_pattern={f"m{i}": 2 for i in range(5000)}), "at most 4096 patterns"),
@@ -137,6 +141,15 @@ def test_pattern_sizes_are_bounded(adapter_dir, changes, words):
     set_config(adapter_dir, **changes)
     with pytest.raises(AdapterInvalid, match=words):
         load(adapter_dir)
+
+
+def test_wide_character_classes_cost_little_to_check(adapter_dir):
+    """re.compile takes ~15 ms per [\u0100-\uffff] with the GIL held; checking must not."""
+    set_config(adapter_dir, target_modules="(?i)" + "[\u0100-\uffff]" * 1300)
+    started = time.monotonic()
+    with pytest.raises(AdapterInvalid, match="match no projection"):
+        load(adapter_dir)
+    assert time.monotonic() - started < 1.0
 
 
 # --------------------------------------------------------------------------- numbers
