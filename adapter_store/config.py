@@ -29,6 +29,9 @@ class AdapterStoreConfig:
     cpu_cache_bytes: int = 4 << 30
     # Cap on one upload's files together (adapter_config.json + adapter_model.safetensors).
     max_upload_bytes: int = 1 << 30
+    # Uploads handled at once; one more is answered 429 at once (each may hold up to
+    # max_upload_bytes of spooled body and a validation on a worker thread).
+    max_concurrent_uploads: int = 2
     # Adapters kept on the device for good ("--pin"); more can be pinned through the API.
     pinned: tuple[str, ...] = ()
     # Eviction policy of both tiers, a name in adapter_store.eviction.POLICIES.
@@ -51,6 +54,7 @@ class AdapterStoreConfig:
         object.__setattr__(self, "pinned", _ids(self.pinned))
         _check(self.cpu_cache_bytes >= 0, "cpu_cache_bytes must be >= 0")
         _check(self.max_upload_bytes >= 1, "max_upload_bytes must be >= 1")
+        _check(self.max_concurrent_uploads >= 1, "max_concurrent_uploads must be >= 1")
         _check(
             self.eviction_policy in POLICIES,
             f"eviction_policy {self.eviction_policy!r} is not one of {sorted(POLICIES)}",

@@ -9,6 +9,7 @@ is wrong, so that a message alone is enough to fix the adapter:
 from __future__ import annotations
 
 from os import PathLike
+from pathlib import PurePath
 
 
 class AdapterError(Exception):
@@ -23,6 +24,24 @@ class AdapterError(Exception):
     def __str__(self) -> str:
         where = f" ({self.path})" if self.path is not None else ""
         return f"adapter {self.adapter_id!r}{where}: {self.reason}"
+
+    def public_message(self) -> str:
+        """The message for clients: the file's name only, never a path on this server
+        (also where the reason quotes one, as an OSError's text does)."""
+        if self.path is None:
+            return encodable_text(str(self))
+        path = PurePath(self.path)
+        reason = self.reason
+        for directory in (str(path), str(path.parent)):
+            if len(directory) > 1:
+                reason = reason.replace(directory, "<adapter>" if directory != str(path) else path.name)
+        return encodable_text(f"adapter {self.adapter_id!r} ({path.name}): {reason}")
+
+
+def encodable_text(text: str) -> str:
+    """`text` with lone surrogates (from JSON escapes like \\ud800, or undecodable file
+    names) written as escapes, so it encodes as UTF-8 in a JSON reply or a log."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class AdapterNotFound(AdapterError):
@@ -111,3 +130,9 @@ class UploadsDisabled(AdapterError):
 
 class PinLimitExceeded(AdapterError):
     """A permanent pin would leave no device slot for the other adapters."""
+
+
+class AdapterIdConflict(AdapterError):
+    """An uploaded id differs only in case from one that has files in the upload area: on a
+    case-insensitive filesystem the two would share a directory (and overwrite or delete
+    each other's files), so the later one is refused."""

@@ -42,7 +42,20 @@ from loramux.adapter_store.errors import (
     AdapterTooLarge,
     AdapterUnsupported,
 )
-from loramux.adapter_store.safetensors_views import FileChanged, SafetensorsViews
+from loramux.adapter_store.patterns import (
+    MAX_CONFIG_PATTERN_CHARS,
+    PatternMatcher,
+    check_pattern,
+)
+from loramux.adapter_store.safetensors_views import FileChanged, MisalignedTensor, SafetensorsViews
+from loramux.adapter_store.value_limits import (
+    MAX_ABS_LORA_ALPHA,
+    MAX_CONFIG_ENTRIES,
+    MAX_LAYER_INDEX,
+    MAX_RANK_VALUE,
+    check_scaled_lora_b,
+    check_scalings,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -288,6 +301,7 @@ class _Fields:
         self.raw = raw
         self.adapter_id = adapter_id
         self.path = path
+        self.pattern_chars = 0  # over every pattern checked, against MAX_CONFIG_PATTERN_CHARS
 
     def invalid(self, key: str, expected: str) -> AdapterInvalid:
         got = _short(self.raw[key]) if key in self.raw else "nothing"
@@ -298,16 +312,16 @@ class _Fields:
             self.adapter_id, self.path, feature, f"{key}={_short(self.raw[key])}"
         )
 
-    def int_(self, key: str, minimum: int) -> int:
+    def int_(self, key: str, minimum: int, maximum: int) -> int:
         value = self.raw.get(key)
-        if not _is_int(value) or value < minimum:
-            raise self.invalid(key, f"an integer >= {minimum}")
+        if not _is_int(value) or not minimum <= value <= maximum:
+            raise self.invalid(key, f"an integer from {minimum} to {maximum}")
         return value
 
-    def number(self, key: str) -> float:
+    def number(self, key: str, max_abs: float) -> float:
         value = self.raw.get(key)
-        if not _is_finite_number(value):
-            raise self.invalid(key, "a finite number")
+        if not _is_finite_number(value) or abs(value) > max_abs:
+            raise self.invalid(key, f"a finite number within +-{max_abs:g}")
         return float(value)
 
     def bool_(self, key: str, default: bool) -> bool:
@@ -330,6 +344,8 @@ class _Fields:
         if value is None or isinstance(value, str):
             return value
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            if len(value) > MAX_CONFIG_ENTRIES:
+                raise self.invalid(key, f"at most {MAX_CONFIG_ENTRIES} names")
             return tuple(value)
         raise self.invalid(key, "a string, a list of strings or null")
 
@@ -339,17 +355,26 @@ class _Fields:
             return {}
         if not isinstance(value, dict) or not all(valid(v) for v in value.values()):
             raise self.invalid(key, f"an object of pattern -> {expected}")
+        if len(value) > MAX_CONFIG_ENTRIES:
+            raise self.invalid(key, f"at most {MAX_CONFIG_ENTRIES} patterns")
         for pattern in value:
             self.check_regex(key, rf"(.*\.)?({pattern})$")
         return value
 
     def check_regex(self, key: str, pattern: str) -> None:
-        try:
-            re.compile(pattern)
-        except re.error as e:
+        self.pattern_chars += len(pattern)
+        if self.pattern_chars > MAX_CONFIG_PATTERN_CHARS:
             raise AdapterInvalid(
-                self.adapter_id, self.path, f"{key!r} holds a bad regex {pattern!r}: {e}"
-            ) from None
+                self.adapter_id,
+                self.path,
+                f"the config's regex patterns ({key!r} and those before it) are longer than "
+                f"{MAX_CONFIG_PATTERN_CHARS} characters in all",
+            )
+        problem = check_pattern(pattern)
+        if problem is not None:
+            raise AdapterInvalid(
+                self.adapter_id, self.path, f"{key!r} holds a bad regex {_short(pattern)}: {problem}"
+            )
 
 
 def _parse_config(f: _Fields) -> LoraAdapterConfig:
@@ -377,8 +402,8 @@ def _parse_config(f: _Fields) -> LoraAdapterConfig:
             "it modifies the base weights, which all adapters share",
         )
 
-    r = f.int_("r", 1)
-    lora_alpha = f.number("lora_alpha")
+    r = f.int_("r", 1, MAX_RANK_VALUE)
+    lora_alpha = f.number("lora_alpha", MAX_ABS_LORA_ALPHA)
     use_rslora = f.bool_("use_rslora", False)
 
     target_modules = f.names("target_modules")
@@ -389,8 +414,16 @@ def _parse_config(f: _Fields) -> LoraAdapterConfig:
         if isinstance(names, str):
             f.check_regex(key, names)
 
-    rank_pattern = f.pattern_map("rank_pattern", lambda v: _is_int(v) and v >= 1, "rank >= 1")
-    alpha_pattern = f.pattern_map("alpha_pattern", _is_finite_number, "finite alpha")
+    rank_pattern = f.pattern_map(
+        "rank_pattern",
+        lambda v: _is_int(v) and 1 <= v <= MAX_RANK_VALUE,
+        f"rank from 1 to {MAX_RANK_VALUE}",
+    )
+    alpha_pattern = f.pattern_map(
+        "alpha_pattern",
+        lambda v: _is_finite_number(v) and abs(v) <= MAX_ABS_LORA_ALPHA,
+        f"finite alpha within +-{MAX_ABS_LORA_ALPHA:g}",
+    )
 
     # PEFT's own LoraConfig.__post_init__ checks, on the raw values.
     raw_layers, raw_pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
@@ -408,12 +441,20 @@ def _parse_config(f: _Fields) -> LoraAdapterConfig:
     layers_to_transform: tuple[int, ...] | None
     if raw_layers is None or raw_layers == []:
         layers_to_transform = None  # PEFT treats [] like None: every layer
-    elif _is_int(raw_layers) and raw_layers >= 0:
+    elif _is_int(raw_layers) and 0 <= raw_layers <= MAX_LAYER_INDEX:
         layers_to_transform = (raw_layers,)
-    elif isinstance(raw_layers, list) and all(_is_int(i) and i >= 0 for i in raw_layers):
+    elif (
+        isinstance(raw_layers, list)
+        and len(raw_layers) <= MAX_CONFIG_ENTRIES
+        and all(_is_int(i) and 0 <= i <= MAX_LAYER_INDEX for i in raw_layers)
+    ):
         layers_to_transform = tuple(raw_layers)
     else:
-        raise f.invalid("layers_to_transform", "a layer index >= 0, a list of them or null")
+        raise f.invalid(
+            "layers_to_transform",
+            f"a layer index from 0 to {MAX_LAYER_INDEX}, a list of at most "
+            f"{MAX_CONFIG_ENTRIES} of them or null",
+        )
 
     layers_pattern = f.names("layers_pattern")
     if isinstance(layers_pattern, str):
@@ -468,6 +509,7 @@ def resolve_targets(
     Raises AdapterUnsupported when the embeddings or lm_head are targeted, and
     AdapterInvalid when nothing of the base model is.
     """
+    matcher = PatternMatcher(adapter_id, path)  # one time budget for all of its matches
     targets = config.target_modules
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         # PEFT resolves "all-linear" to every nn.Linear but the output head; in a
@@ -475,16 +517,18 @@ def resolve_targets(
         targets = tuple(spec.module_name(layer, module) for layer, module in spec.modules())
 
     for name, feature in ((_EMBEDDING_NAME, "embedding LoRA"), (_LM_HEAD_NAME, "lm_head LoRA")):
-        if _is_targeted(config, targets, name):
+        if _is_targeted(matcher, config, targets, name):
             raise AdapterUnsupported(adapter_id, path, feature, f"target_modules matches {name}")
 
     resolved: dict[tuple[int, str], ModuleTarget] = {}
     for layer, module in spec.modules():
         name = spec.module_name(layer, module)
-        if not _is_targeted(config, targets, name):
+        if not _is_targeted(matcher, config, targets, name):
             continue
-        rank = _pattern_value(config.rank_pattern, name, config.r)
-        alpha = _pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        rank = _pattern_value(matcher, "rank_pattern", config.rank_pattern, name, config.r)
+        alpha = _pattern_value(
+            matcher, "alpha_pattern", config.alpha_pattern, name, config.lora_alpha
+        )
         scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
         resolved[(layer, module)] = ModuleTarget(rank=rank, scaling=scaling)
     if not resolved:
@@ -502,43 +546,58 @@ def resolve_targets(
     return resolved
 
 
-def _matches_names(names: tuple[str, ...] | str, name: str) -> bool:
+def _matches_names(
+    matcher: PatternMatcher, key: str, names: tuple[str, ...] | str, name: str
+) -> bool:
     """PEFT's module-name rule: regex fullmatch, or equal to / ends with "." + an entry."""
     if isinstance(names, str):
-        return re.fullmatch(names, name) is not None
+        return matcher.fullmatch(key, names, name)
     return name in names or any(name.endswith("." + entry) for entry in names)
 
 
-def _is_targeted(config: LoraAdapterConfig, targets: tuple[str, ...] | str, name: str) -> bool:
+def _is_targeted(
+    matcher: PatternMatcher,
+    config: LoraAdapterConfig,
+    targets: tuple[str, ...] | str,
+    name: str,
+) -> bool:
     """Port of peft's check_target_module_exists (modules_to_save is refused earlier)."""
-    if config.exclude_modules and _matches_names(config.exclude_modules, name):
+    if config.exclude_modules and _matches_names(
+        matcher, "exclude_modules", config.exclude_modules, name
+    ):
         return False
-    if not _matches_names(targets, name):
+    if not _matches_names(matcher, "target_modules", targets, name):
         return False
     # PEFT applies layers_to_transform to list targets only (LoraConfig forbids it with a regex).
     if isinstance(targets, str) or config.layers_to_transform is None:
         return True
-    layer_index = _layer_index(name, config.layers_pattern)
+    layer_index = _layer_index(matcher, name, config.layers_pattern)
     return layer_index is not None and layer_index in config.layers_to_transform
 
 
-def _layer_index(name: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+def _layer_index(
+    matcher: PatternMatcher, name: str, layers_pattern: tuple[str, ...] | None
+) -> int | None:
     """The first numbered segment after the layer list, as PEFT finds it (lazy: first index)."""
     if layers_pattern is None:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
         match = None
         for pattern in layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = matcher.match(
+                "layers_pattern", rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name
+            )
             if match is not None:
                 break
     return int(match.group("idx")) if match else None
 
 
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+def _pattern_value(
+    matcher: PatternMatcher, config_key: str, patterns: Mapping[str, Any], name: str, default: Any
+) -> Any:
     """Port of peft's get_pattern_key + dict lookup: the first key (in order) that matches wins."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if matcher.match(config_key, rf"(.*\.)?({key})$", name):
             return value
     return patterns.get(name, default)  # PEFT falls back to the name itself as a key
 
@@ -581,6 +640,12 @@ def load_adapter(
         raise AdapterTooLarge(
             adapter_id, config_path, largest.rank, max_rank, spec.module_name(layer, module)
         )
+    check_scalings(
+        adapter_id,
+        config_path,
+        {spec.module_name(*key): target.scaling for key, target in targets.items()},
+        dtype,
+    )
 
     try:
         modules, stacks = _read_weights(adapter_id, weights_path, spec, targets, dtype)
@@ -588,6 +653,8 @@ def load_adapter(
         raise AdapterInvalid(
             adapter_id, weights_path, f"not a valid safetensors file: {e}"
         ) from None
+    except MisalignedTensor as e:
+        raise AdapterInvalid(adapter_id, weights_path, f"unaligned tensor data: {e}") from None
     except FileChanged as e:
         raise AdapterInvalid(adapter_id, weights_path, f"the file changed while it was read: {e}") from None
     except FileNotFoundError:  # removed since the exists() check
@@ -623,7 +690,16 @@ def _read_weights(
         # 1. Map every key to its (layer, module) and check dtype and shape from the header
         #    alone, so a wrong adapter is refused before any tensor data is read.
         keys: dict[tuple[int, str], dict[str, str]] = {}  # (layer, module) -> {"A"|"B": key}
-        for key in f.keys():
+        names = f.keys()
+        # A header of a million keys is refused at once, not key by key (2 per projection
+        # of the whole model, doubled, leaves room for the precise messages below).
+        max_keys = 4 * sum(1 for _ in spec.modules())
+        if len(names) > max_keys:
+            raise invalid(
+                f"the file holds {len(names)} tensors, more than the {max_keys} an adapter "
+                "of this base model can have"
+            )
+        for key in names:
             layer, module, factor = _parse_tensor_key(adapter_id, path, key, spec)
             name = spec.module_name(layer, module)
             target = targets.get((layer, module))
@@ -707,6 +783,14 @@ def _read_weights(
         if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
             for key, tensor in read:
                 _check_finite(f, key, tensor, dtype, invalid)
+        # 4. The store folds each scaling into lora_B in `dtype`: refuse what overflows.
+        for module, stack in stacks.items():
+            check_scaled_lora_b(stack.lora_b, stack.scalings, f"{module} in every layer", invalid)
+        for (layer, module), weights in modules.items():
+            if module not in stacks:
+                check_scaled_lora_b(
+                    weights.lora_b, weights.scaling, spec.module_name(layer, module), invalid
+                )
     return modules, stacks
 
 

@@ -23,6 +23,7 @@ import torch
 
 from loramux.adapter_store.errors import (
     AdapterError,
+    AdapterInvalid,
     AdapterNotFound,
     AdapterTooLarge,
     AdapterUnsupported,
@@ -37,6 +38,7 @@ from loramux.adapter_store.format import (
     resolve_targets,
 )
 from loramux.adapter_store.ids import is_valid_adapter_id
+from loramux.adapter_store.value_limits import check_scalings
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,8 @@ class AdapterEntry:
         return (self.adapter_id, self.version)
 
     def fail(self, error: BaseException) -> None:
-        self.error = str(error)
+        # Shown to clients (request errors, adapter listings): no server paths in it.
+        self.error = error.public_message() if isinstance(error, AdapterError) else str(error)
         self.error_type = type(error).__name__
 
 
@@ -125,6 +128,7 @@ class Describer:
     def __init__(self, spec: BaseModelSpec, max_rank: int, dtype: torch.dtype) -> None:
         self.spec = spec
         self.max_rank = max_rank
+        self.dtype = dtype
         self._elem = torch.empty((), dtype=dtype).element_size()
         self._cache: dict[tuple, tuple[int, tuple[str, ...], int]] = {}
 
@@ -165,6 +169,9 @@ class Describer:
             return self.describe(adapter_id, directory), None
         except AdapterError as e:
             return None, e
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte, no permission, ...
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            return None, AdapterInvalid(adapter_id, directory, f"cannot read the adapter: {reason}")
 
     def _resolve(
         self, adapter_id: str, config: LoraAdapterConfig, config_path: Path
@@ -176,6 +183,12 @@ class Describer:
         if largest.rank > self.max_rank:
             where = spec.module_name(layer, module)
             raise AdapterTooLarge(adapter_id, config_path, largest.rank, self.max_rank, where)
+        check_scalings(
+            adapter_id,
+            config_path,
+            {spec.module_name(*key): target.scaling for key, target in targets.items()},
+            self.dtype,
+        )
         num_bytes = sum(
             t.rank * sum(spec.module_shapes[module]) * self._elem
             for (_, module), t in targets.items()

@@ -23,6 +23,11 @@ class FileChanged(ValueError):
     """The file no longer matches the header safe_open validated."""
 
 
+class MisalignedTensor(ValueError):
+    """A tensor's data does not start at a multiple of its element size. safetensors'
+    writers align every tensor; a view cannot be taken of an unaligned one."""
+
+
 class SafetensorsViews:
     """`get(key)`: the tensor as stored, a view of the file's (private, copy-on-write) mapping."""
 
@@ -44,4 +49,9 @@ class SafetensorsViews:
         start, stop = self._data_start + begin, self._data_start + end
         if stop > self._bytes.numel() or stop - start != math.prod(shape) * dtype.itemsize:
             raise FileChanged(f"tensor {key!r} does not fit the file")
+        if start % dtype.itemsize:
+            raise MisalignedTensor(
+                f"tensor {key!r} starts at byte {start} of the file, not a multiple of its "
+                f"{dtype.itemsize}-byte dtype {entry['dtype']} (re-save it with safetensors)"
+            )
         return self._bytes[start:stop].view(dtype).view(shape)

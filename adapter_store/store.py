@@ -409,6 +409,7 @@ class AdapterStore:
 
     def _commit_upload(self, adapter_id: str, area: UploadArea, staging: Path) -> AdapterInfo:
         try:
+            area.check_case_unique(adapter_id)  # early: before the validation's cost
             # Full validation before the upload becomes visible; the weights it read (in
             # the serving dtype) go to the CPU tier, so the first use skips the disk.
             adapter = load_adapter(adapter_id, staging, self.spec, self.max_rank, self.dtype)

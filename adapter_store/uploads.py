@@ -18,7 +18,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from loramux.adapter_store.errors import AdapterNotFound, AdapterUnsupported, UploadTooLarge
+from loramux.adapter_store.errors import (
+    AdapterIdConflict,
+    AdapterNotFound,
+    AdapterUnsupported,
+    UploadTooLarge,
+)
 from loramux.adapter_store.format import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
 from loramux.adapter_store.ids import check_adapter_id, is_valid_adapter_id
 
@@ -87,8 +92,12 @@ class UploadArea:
         return staging
 
     def commit(self, staging: Path, adapter_id: str, version: int) -> Path:
-        """Rename a validated staging directory to <root>/<id>/<version>; returns that path."""
+        """Rename a validated staging directory to <root>/<id>/<version>; returns that path.
+
+        Raises AdapterIdConflict when another id that differs only in case has a folder here.
+        """
         check_adapter_id(adapter_id)  # the only place an id becomes a path: check again
+        self.check_case_unique(adapter_id)
         final = self.root / adapter_id / str(int(version))
         assert final.parent.parent == self.root, final
         final.parent.mkdir(exist_ok=True)
@@ -96,6 +105,19 @@ class UploadArea:
             shutil.rmtree(final)
         os.rename(staging, final)
         return final
+
+    def check_case_unique(self, adapter_id: str) -> None:
+        """Refuse an id whose folder would be another id's on a case-insensitive filesystem."""
+        folded = adapter_id.lower()
+        with os.scandir(self.root) as it:
+            for entry in it:
+                if entry.name != adapter_id and entry.name.lower() == folded:
+                    raise AdapterIdConflict(
+                        adapter_id,
+                        None,
+                        f"an uploaded adapter {entry.name!r} already exists; ids that differ only "
+                        "in case cannot both be uploaded (they would share files)",
+                    )
 
     def scan(self) -> Iterator[tuple[str, int, Path]]:
         """(adapter_id, version, directory) of the newest committed version of each id.

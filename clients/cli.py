@@ -239,7 +239,7 @@ def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     upload = actions.add_parser("upload", parents=[common], help="upload a PEFT adapter")
     upload.add_argument("adapter_id")
     upload.add_argument("path", help="a directory with adapter_config.json + adapter_model.safetensors, "
-                                     "or a .zip/.tar/.tar.gz holding them")
+                                     "or a .zip/.tar.gz holding them")
     upload.set_defaults(handler=_command(_adapters_upload))
 
     rm = actions.add_parser("rm", parents=[common], help="delete adapters")

@@ -112,7 +112,7 @@ class Client(_Base):
         return self._call(ops.get_adapter(adapter_id))
 
     def upload_adapter(self, adapter_id: str, path: str | Path) -> AdapterInfo:
-        """`path`: a directory holding adapter_config.json + adapter_model.safetensors, or a .zip/.tar(.gz)."""
+        """`path`: a directory holding adapter_config.json + adapter_model.safetensors, or a .zip/.tar.gz."""
         return self._call(ops.upload_adapter(adapter_id, path))
 
     def delete_adapter(self, adapter_id: str) -> None:

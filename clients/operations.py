@@ -42,7 +42,7 @@ T_co = TypeVar("T_co", covariant=True)
 REQUEST_ID_HEADER = "x-request-id"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")  # what the server reads
 
 
 def request_id_of(response: httpx.Response) -> str | None:

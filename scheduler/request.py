@@ -40,7 +40,8 @@ class Request:
     num_computed_tokens: int = 0
     # KV-cache block table, owned by the scheduler's block manager.
     block_ids: list[int] = field(default_factory=list)
-    # Device slot leased from the adapter store while running (BASE_SLOT for base).
+    # Device slot leased from the adapter store while running, and kept while waiting
+    # after a preemption (BASE_SLOT for base).
     # An int lease, never interchangeable with adapter_id: a replaced adapter keeps
     # serving its running requests from the old slot.
     adapter_slot: int | None = None

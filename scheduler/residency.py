@@ -3,8 +3,9 @@
 The scheduler never loads adapters itself: it asks for a load when a request is queued
 (`prefetch`), admits a request only once its adapter is complete on the device
 (`is_resident`), and holds a lease on the device slot while the request runs (`pin` on
-admission, `unpin` when it finishes or is preempted). A pinned slot is never evicted or
-overwritten, so a replaced adapter keeps serving its running requests from the old slot.
+admission, `unpin` when it finishes; a preempted request keeps its lease while it waits to
+resume). A pinned slot is never evicted or overwritten, so a replaced or deleted adapter
+keeps serving its running and preempted requests from the old slot.
 
 Contract for implementations:
 - `prefetch` is a hint, idempotent, and returns at once. The store loads when it can (while

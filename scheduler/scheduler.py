@@ -8,7 +8,8 @@ rest of its prompt (a prefill, maybe split over several steps) or 1 (a decode). 
    a. running requests, oldest first, each take min(needed, budget left, chunk cap) tokens;
       when the KV cache is full the NEWEST running request is preempted (recompute later);
    b. if nothing was preempted, waiting requests are admitted in queue order while token
-      budget, max_num_seqs and KV blocks last. A request whose adapter is not resident, or
+      budget, max_num_seqs and KV blocks last. A preempted request kept its slot lease, so
+      it resumes on the adapter version it started with. A request whose adapter is not resident, or
       that would exceed max_loras distinct adapter slots, is skipped and waits; a request
       whose adapter failed to load is finished with ERROR.
 2. the runner computes the scheduled tokens and samples one token for every request whose
@@ -230,9 +231,10 @@ class Scheduler:
         return True
 
     def _preempt(self, request: Request) -> None:
-        """Drop request's KV and slot lease; it recomputes prompt + output so far later."""
+        """Drop request's KV; it recomputes prompt + output so far later. It keeps its slot
+        lease, so it resumes on the adapter version it started with even if that version
+        was replaced or deleted meanwhile (the store keeps a leased slot as it is)."""
         self.kv_cache.free(request)
-        self._release_slot(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -270,7 +272,7 @@ class Scheduler:
         asked: set[str] = set()
         for request in skipped:
             adapter_id = request.adapter_id
-            if adapter_id is None or adapter_id in asked:
+            if adapter_id is None or adapter_id in asked or request.adapter_slot is not None:
                 continue
             asked.add(adapter_id)
             if not self._residency.is_resident(adapter_id):
@@ -280,16 +282,24 @@ class Scheduler:
         self, request: Request, plan: _StepPlan, running_slots: set[int]
     ) -> _Admission:
         """Admit the request at the head of the queue if its adapter, KV and max_loras allow."""
-        error = self._load_error(request)
-        if error is not None:
-            self._pending_deltas.append(self._fail(request, error))  # reported by update()
-            return _Admission.FAILED
-        slot = self._lease_slot(request, running_slots)
-        if slot is None:
-            return _Admission.SKIPPED
+        held = request.adapter_slot  # a preempted request's lease, kept while it waited
+        if held is None:
+            error = self._load_error(request)
+            if error is not None:
+                self._pending_deltas.append(self._fail(request, error))  # reported by update()
+                return _Admission.FAILED
+            slot = self._lease_slot(request, running_slots)
+            if slot is None:
+                return _Admission.SKIPPED
+        else:
+            slot = held
+            max_loras_full = len(running_slots) >= self.config.max_loras
+            if slot != BASE_SLOT and slot not in running_slots and max_loras_full:
+                return _Admission.SKIPPED  # waits with its lease, like any skipped request
         num_new = self._chunk_size(request, plan.token_budget)
         if not self.kv_cache.allocate_slots(request, num_new):
-            self._unpin(slot)
+            if held is None:
+                self._unpin(slot)
             return _Admission.NO_ROOM
         request.adapter_slot = slot
         request.status = RequestStatus.RUNNING

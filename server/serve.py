@@ -56,6 +56,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lora-rank", type=int, default=64)
     g.add_argument("--cpu-cache-bytes", type=parse_bytes, default=parse_bytes("4G"))
     g.add_argument("--max-upload-bytes", type=parse_bytes, default=parse_bytes("1G"))
+    g.add_argument("--max-concurrent-uploads", type=int, default=2, help="more get 429")
     g = p.add_argument_group("scheduling")
     g.add_argument("--kv-cache-bytes", type=parse_bytes, default=parse_bytes("2G"))
     g.add_argument("--block-size", type=int, default=16)
@@ -135,6 +136,7 @@ def config_from_args(args: argparse.Namespace):
             upload_root=upload_dir,
             cpu_cache_bytes=args.cpu_cache_bytes,
             max_upload_bytes=args.max_upload_bytes,
+            max_concurrent_uploads=args.max_concurrent_uploads,
             pinned=tuple(args.pin),
         ),
         server=ServerConfig(

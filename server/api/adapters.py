@@ -6,33 +6,46 @@ the base model before they are accepted (the store stages, validates, then renam
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import AsyncIterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
-from starlette.datastructures import UploadFile
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from loramux.adapter_store.errors import (
+    AdapterIdConflict,
     AdapterError,
     AdapterNotFound,
     InvalidAdapterId,
     PinLimitExceeded,
     UploadsDisabled,
     UploadTooLarge,
+    encodable_text,
 )
 from loramux.adapter_store.store import AdapterInfo
 from loramux.kernels.openmp import set_thread_openmp_threads
-from loramux.server.api.archives import CONFIG_NAME, WEIGHTS_NAME, ArchiveError, extract_adapter_files
+from loramux.server.api.archives import (
+    CONFIG_NAME,
+    PICKLED_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    ArchiveError,
+    archive_format,
+    extract_adapter_files,
+)
 from loramux.server.api.auth import check_admin_key
-from loramux.server.api.context import get_service
+from loramux.server.api.context import ClientDisconnected, get_service
 from loramux.server.api.openai import openai_error_response
 from loramux.server.service import GenerationService, InvalidRequest, ServiceError, UnknownAdapter
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_admin_key)])
-
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 
 class UploadRejected(ServiceError):
@@ -65,22 +78,131 @@ def info_json(info: AdapterInfo) -> dict:
 
 
 def _error(exc: Exception):
-    """Map the store's typed errors to HTTP answers in the OpenAI error shape."""
+    """Map the store's typed errors to HTTP answers in the OpenAI error shape; messages
+    name the user's file, never a path on this server."""
     if isinstance(exc, UploadRejected):
-        return openai_error_response(exc, exc.status)
+        exc.message = encodable_text(exc.message)  # may quote an archive's member names
+        response = openai_error_response(exc, exc.status)
+        if exc.status == 429:
+            response.headers["Retry-After"] = "1"
+        return response
+    if not isinstance(exc, AdapterError):
+        raise exc
+    message = exc.public_message()
     if isinstance(exc, InvalidAdapterId):
-        return openai_error_response(InvalidRequest(str(exc), "adapter_id"))
+        return openai_error_response(InvalidRequest(message, "adapter_id"))
     if isinstance(exc, AdapterNotFound) and exc.path is None:
-        return openai_error_response(UnknownAdapter(str(exc), "adapter_id"))
+        return openai_error_response(UnknownAdapter(message, "adapter_id"))
     if isinstance(exc, UploadTooLarge):
-        return openai_error_response(InvalidRequest(str(exc), "file"), 413)
+        return openai_error_response(InvalidRequest(message, "file"), 413)
     if isinstance(exc, UploadsDisabled):
-        return openai_error_response(InvalidRequest(str(exc)), 403)
+        return openai_error_response(InvalidRequest(message), 403)
+    if isinstance(exc, AdapterIdConflict):
+        return openai_error_response(InvalidRequest(message, "adapter_id"), 409)
     if isinstance(exc, PinLimitExceeded):
-        return openai_error_response(InvalidRequest(str(exc), "adapter_id"), 409)
-    if isinstance(exc, AdapterError):  # invalid, unsupported, too large a rank: does not fit
-        return openai_error_response(InvalidRequest(str(exc), "file"), 422)
-    raise exc
+        return openai_error_response(InvalidRequest(message, "adapter_id"), 409)
+    # invalid, unsupported, too large a rank: does not fit
+    return openai_error_response(InvalidRequest(message, "file"), 422)
+
+
+# --------------------------------------------------------------------------- uploads
+
+# Multipart framing (boundaries, part headers, the adapter_id field) on top of the files.
+_FORM_OVERHEAD = 64 << 10
+# A peft folder has a dozen files (adapter files, README.md, tokenizer files, ...).
+_MAX_FORM_FILES = 64
+_MAX_FORM_FIELDS = 16
+# Shown in the reply's `ignored_files`; more are counted, not named; long names are cut.
+_MAX_NAMED_IGNORED = 100
+_MAX_NAME_CHARS = 256
+
+
+@dataclass(frozen=True)
+class _Upload:
+    adapter_id: str
+    config: bytes
+    weights: bytes
+    ignored: tuple[str, ...]  # files (or archive members) that were not read
+
+
+class _UploadGate:
+    """At most `limit` uploads at once; one more is answered 429 at once, not queued. Used
+    from the event loop only, so a plain counter is enough."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    @contextmanager
+    def slot(self):
+        if self.active >= self.limit:
+            raise UploadRejected(
+                f"{self.active} adapter uploads are in progress, the most this server takes at "
+                "once; retry shortly",
+                status=429,
+            )
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+def _upload_gate(request: Request, limit: int) -> _UploadGate:
+    gate = getattr(request.app.state, "upload_gate", None)
+    if gate is None:
+        gate = request.app.state.upload_gate = _UploadGate(limit)
+    return gate
+
+
+def _check_content_length(request: Request, max_bytes: int) -> None:
+    """Refuse a declared body over the limit before a byte of it is read or spooled."""
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return  # chunked: _bounded_body stops it at the limit instead
+    if not declared.isdigit():
+        raise UploadRejected("Content-Length must be a whole number of bytes", status=400)
+    if int(declared) > max_bytes + _FORM_OVERHEAD:
+        raise UploadRejected(
+            f"the upload is {int(declared)} bytes, more than the limit of {max_bytes} bytes",
+            "file",
+            status=413,
+        )
+
+
+async def _bounded_body(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
+    """The request body, refused once it passes the limit (a missing or lying Content-Length)."""
+    limit = max_bytes + _FORM_OVERHEAD
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise UploadRejected(
+                f"the upload exceeds the limit of {max_bytes} bytes", "file", status=413
+            )
+        yield chunk
+
+
+async def _parse_form(request: Request, max_bytes: int) -> FormData:
+    content_type, _ = parse_options_header(request.headers.get("content-type", ""))
+    body = _bounded_body(request, max_bytes)
+    if content_type == b"multipart/form-data":
+        parser = MultiPartParser(
+            request.headers, body, max_files=_MAX_FORM_FILES, max_fields=_MAX_FORM_FIELDS
+        )
+    elif content_type == b"application/x-www-form-urlencoded":  # fields only: says what is missing
+        parser = FormParser(request.headers, body)
+    else:
+        raise UploadRejected(
+            "expected a multipart/form-data upload (an adapter_id field and the adapter's files)",
+            status=400,
+        )
+    try:
+        return await parser.parse()  # closes what it spooled if it fails
+    except MultiPartException as exc:
+        raise UploadRejected(f"malformed multipart/form-data upload: {exc.message}", status=400) from None
+    finally:
+        await body.aclose()
 
 
 async def _read_upload(file: UploadFile, budget: int, max_bytes: int) -> bytes:
@@ -91,43 +213,69 @@ async def _read_upload(file: UploadFile, budget: int, max_bytes: int) -> bytes:
     return data
 
 
-async def _upload_files(request: Request, max_bytes: int) -> tuple[str, bytes, bytes]:
-    try:
-        form = await request.form(max_files=8, max_fields=16)
-    except Exception as exc:  # noqa: BLE001 - malformed multipart
-        raise UploadRejected(f"expected a multipart/form-data upload: {exc}", status=400) from None
+def _size(file: UploadFile) -> int:
+    return file.size if file.size is not None else 0
+
+
+async def _upload_from_form(form: FormData, max_bytes: int) -> _Upload:
     adapter_id = form.get("adapter_id") or form.get("id")
     if not isinstance(adapter_id, str) or not adapter_id:
         raise UploadRejected("the form needs an `adapter_id` field", "adapter_id", status=400)
-    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]  # values(): one per key
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
     if not files:
         raise UploadRejected(
-            f"attach {CONFIG_NAME} and {WEIGHTS_NAME}, or one .zip/.tar(.gz) holding them", "file", status=400
+            f"attach {CONFIG_NAME} and {WEIGHTS_NAME} (a folder as peft's save_pretrained writes it), "
+            "or one .zip/.tar.gz holding them",
+            "file",
+            status=400,
         )
-    by_name: dict[str, bytes] = {}
-    budget = max_bytes
-    for file in files:
-        name = Path(file.filename or "").name
-        data = await _read_upload(file, budget, max_bytes)
-        budget -= len(data)
-        if name.endswith(ARCHIVE_SUFFIXES) and len(files) == 1:
+    if len(files) == 1:
+        name = files[0].filename or ""
+        kind = _archive_format(name)
+        if kind is not None:
+            if _size(files[0]) > max_bytes:
+                raise UploadRejected(f"the upload exceeds the limit of {max_bytes} bytes", "file", status=413)
+            # Inflating is CPU work: off the event loop, on the spooled file itself.
             try:
-                config, weights = extract_adapter_files(data, max_bytes)
+                found = await _run_blocking(extract_adapter_files, files[0].file, kind, max_bytes)
             except ArchiveError as exc:
                 raise UploadRejected(str(exc), "file", status=400) from None
-            return adapter_id, config, weights
-        if name not in (CONFIG_NAME, WEIGHTS_NAME):
-            raise UploadRejected(
-                f"unexpected file {name!r}: send {CONFIG_NAME} and {WEIGHTS_NAME} (never pickled *.bin), "
-                "or one archive holding them",
-                "file",
-                status=400,
-            )
-        by_name[name] = data
+            return _Upload(adapter_id, found.config, found.weights, found.ignored)
+
+    by_name: dict[str, UploadFile] = {}
+    ignored: list[str] = []
+    for file in files:
+        name = PurePosixPath((file.filename or "").replace("\\", "/")).name
+        if name in (CONFIG_NAME, WEIGHTS_NAME):
+            if name in by_name:
+                raise UploadRejected(f"the upload holds {name} more than once", "file", status=400)
+            by_name[name] = file
+        else:
+            _archive_format(name)  # an archive among other files: refuse other formats by name
+            ignored.append(name or "(unnamed)")
+    if WEIGHTS_NAME not in by_name and PICKLED_WEIGHTS_NAME in ignored:
+        raise UploadRejected(
+            f"{PICKLED_WEIGHTS_NAME} holds pickled weights, which are never loaded; send "
+            f"{WEIGHTS_NAME} (peft's save_pretrained writes it by default)",
+            "file",
+            status=400,
+        )
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if n not in by_name]
     if missing:
         raise UploadRejected(f"the upload lacks {', '.join(missing)}", "file", status=400)
-    return adapter_id, by_name[CONFIG_NAME], by_name[WEIGHTS_NAME]
+    budget = max_bytes
+    data: dict[str, bytes] = {}
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        data[name] = await _read_upload(by_name[name], budget, max_bytes)
+        budget -= len(data[name])
+    return _Upload(adapter_id, data[CONFIG_NAME], data[WEIGHTS_NAME], tuple(ignored))
+
+
+def _archive_format(name: str) -> str | None:
+    try:
+        return archive_format(name)
+    except ArchiveError as exc:
+        raise UploadRejected(str(exc), "file", status=400) from None
 
 
 async def _run_blocking(function, *args):
@@ -144,13 +292,30 @@ async def _run_blocking(function, *args):
 
 @router.post("/adapters", status_code=201)
 async def upload_adapter(request: Request, service: GenerationService = Depends(get_service)):
+    """Multipart form: `adapter_id` and either the adapter's files (a folder as peft's
+    save_pretrained writes it; files other than the two adapter files are ignored and
+    named in `ignored_files`) or one .zip / .tar.gz archive of such a folder."""
     store = service.parts.store
+    max_bytes = store.config.max_upload_bytes
     try:
-        adapter_id, config, weights = await _upload_files(request, store.config.max_upload_bytes)
-        info = await _run_blocking(store.upload, adapter_id, config, weights)
+        _check_content_length(request, max_bytes)
+        with _upload_gate(request, store.config.max_concurrent_uploads).slot():
+            form = await _parse_form(request, max_bytes)
+            try:
+                upload = await _upload_from_form(form, max_bytes)
+            finally:
+                await form.close()
+            info = await _run_blocking(store.upload, upload.adapter_id, upload.config, upload.weights)
     except (UploadRejected, AdapterError) as exc:
         return _error(exc)
-    return info_json(info)
+    except ClientDisconnect:  # gone mid-body: the form is closed, the slot released
+        raise ClientDisconnected() from None
+    reply = info_json(info)
+    named = upload.ignored[:_MAX_NAMED_IGNORED]
+    reply["ignored_files"] = [encodable_text(name[:_MAX_NAME_CHARS]) for name in named]
+    if len(upload.ignored) > _MAX_NAMED_IGNORED:
+        reply["num_ignored_files"] = len(upload.ignored)
+    return reply
 
 
 @router.get("/adapters")
@@ -213,7 +378,11 @@ class UnloadLoraAdapterRequest(BaseModel):
 
 def _inside_adapter_dirs(path: str, roots: tuple[Path, ...]) -> Path:
     """A path the admin named, accepted only inside a configured adapter directory."""
-    resolved = Path(path).resolve()
+    try:
+        resolved = Path(path).resolve()
+    except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a name too long, a link loop
+        reason = f"lora_path is not a usable path: {type(exc).__name__}"
+        raise UploadRejected(reason, "lora_path", status=400) from None
     for root in roots:
         if resolved.is_relative_to(root.resolve()) and resolved != root.resolve():
             return resolved

@@ -125,6 +125,20 @@ def test_upload_list_use_replace_delete(admin, user, tiny_files, expected):
     assert not (tiny_files.uploads / "uploaded").exists()
 
 
+def test_upload_peft_folder_ignores_and_names_extra_files(admin, user, tiny_files, expected):
+    """A folder as peft's save_pretrained writes it, plus what a trainer leaves beside it."""
+    files = {"README.md": b"---\nlibrary_name: peft\n---\n", **files_of(tiny_files.spare / "gamma"),
+             "tokenizer.json": b"{}", "tokenizer_config.json": b"{}", "training_args.bin": b"\x80\x04pickle",
+             "evil.py": b"import os"}
+    r = admin.post("/v1/adapters", **multipart("peft-folder", files))
+    assert r.status_code == 201, r.text
+    assert sorted(r.json()["ignored_files"]) == sorted(
+        ["README.md", "tokenizer.json", "tokenizer_config.json", "training_args.bin", "evil.py"])
+    assert sorted(p.name for p in (tiny_files.uploads / "peft-folder").glob("*/*")) == [CONFIG, WEIGHTS]
+    assert text_of(user, "peft-folder") == expected["gamma"]
+    assert admin.delete("/v1/adapters/peft-folder").status_code == 200
+
+
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
 def test_upload_archive(admin, user, tiny_files, expected, kind):
     members = {f"checkpoint/final/{name}": data for name, data in files_of(tiny_files.spare / "gamma").items()}
@@ -134,6 +148,7 @@ def test_upload_archive(admin, user, tiny_files, expected, kind):
     r = admin.post("/v1/adapters", data={"adapter_id": adapter_id},
                    files={"file": (f"adapter.{kind}", data, "application/octet-stream")})
     assert r.status_code == 201, r.text
+    assert r.json()["ignored_files"] == ["checkpoint/README.md"]
     assert text_of(user, adapter_id) == expected["gamma"]
     assert admin.delete(f"/v1/adapters/{adapter_id}").status_code == 200
 
@@ -151,7 +166,6 @@ def _bad_uploads(spare: Path, bad: Path) -> dict[str, tuple[dict, int, str]]:
         "no-files": ({"data": {"adapter_id": "bad"}, "files": {}}, 400, "attach"),
         "no-id": (multipart(None, good), 400, "adapter_id"),
         "pickled-bin-only": (multipart("bad", {CONFIG: config, "adapter_model.bin": b"\x80\x04pickle"}), 400, ".bin"),
-        "unexpected-file": (multipart("bad", {**good, "evil.py": b"import os"}), 400, "evil.py"),
         "bad-json": (multipart("bad", {CONFIG: b"{not json", WEIGHTS: weights}), 422, "json"),
         "config-not-lora": (multipart("bad", {CONFIG: b'{"peft_type": "PREFIX_TUNING"}', WEIGHTS: weights}), 422,
                             "PREFIX_TUNING"),
@@ -177,15 +191,17 @@ def _bad_uploads(spare: Path, bad: Path) -> dict[str, tuple[dict, int, str]]:
         "zip-duplicate-member": (archive(zip_bytes({CONFIG: config, WEIGHTS: weights, f"x/{WEIGHTS}": weights})),
                                  400, "more than once"),
         "not-an-archive": (archive(b"this is not a zip file", "adapter.tar.gz"), 400, "archive"),
+        "tar-xz": (archive(b"\xfd7zXZ\x00\x00", "adapter.tar.xz"), 400, "only .zip and .tar.gz"),
+        "plain-tar": (archive(b"x" * 1024, "adapter.tar"), 400, "only .zip and .tar.gz"),
         "not-multipart": ({"json": {"adapter_id": "bad"}}, 400, "form"),
     }
 
 
 BAD_CASES = [
-    "missing-weights", "missing-config", "no-files", "no-id", "pickled-bin-only", "unexpected-file", "bad-json",
+    "missing-weights", "missing-config", "no-files", "no-id", "pickled-bin-only", "bad-json",
     "config-not-lora", "truncated-safetensors", "garbage-safetensors", "wrong-shapes", "rank-above-max",
     "id-dotdot", "id-slash", "id-hidden", "too-large", "too-large-archive", "zip-bomb", "zip-symlink", "tar-symlink",
-    "tar-hardlink", "zip-missing-member", "zip-duplicate-member", "not-an-archive", "not-multipart",
+    "tar-hardlink", "zip-missing-member", "zip-duplicate-member", "not-an-archive", "tar-xz", "plain-tar", "not-multipart",
 ]
 
 

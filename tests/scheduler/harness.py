@@ -295,14 +295,19 @@ def check_resources(scheduler: Scheduler) -> None:
     assert len(held) == len(set(held)), "a block is held twice"
     assert len(held) + scheduler.kv_cache.num_free_blocks == scheduler.config.num_kv_blocks
     for request in waiting:
-        assert request.block_ids == [] and request.adapter_slot is None
-        assert request.num_computed_tokens == 0
+        assert request.block_ids == [] and request.num_computed_tokens == 0
+        # only a preempted request keeps a lease while it waits
+        assert request.adapter_slot is None or request.num_preemptions > 0
     for request in running:
         if request.adapter_id is None:
             assert request.adapter_slot == BASE_SLOT
     residency = scheduler._residency
     if isinstance(residency, FakeResidency):
-        pins = Counter(r.adapter_slot for r in running if r.adapter_id is not None)
+        pins = Counter(
+            r.adapter_slot
+            for r in (*running, *waiting)
+            if r.adapter_id is not None and r.adapter_slot is not None
+        )
         assert +residency.refcount == pins, (residency.refcount, pins)
 
 

@@ -97,7 +97,7 @@ def test_max_loras_limits_distinct_adapters_and_base_does_not_count():
     check_drained(sched)
 
 
-def test_a_slot_is_leased_while_running_and_released_on_preemption_and_finish():
+def test_a_slot_is_leased_while_running_kept_on_preemption_and_released_on_finish():
     residency = FakeResidency(num_slots=2, resident=["a"])
     sched = make_scheduler(residency, num_kv_blocks=8, block_size=4, max_model_len=32)
     first = make_request("first", prompt_len=12, max_tokens=12, adapter_id="a")
@@ -108,7 +108,9 @@ def test_a_slot_is_leased_while_running_and_released_on_preemption_and_finish():
     assert residency.refcount[residency.slot_of["a"]] == 2
     while not step(sched)[0].preempted_request_ids:
         pass
-    assert second.adapter_slot is None and residency.refcount[residency.slot_of["a"]] == 1
+    # preempted: its KV is gone but it keeps its lease, to resume on the same adapter version
+    assert second.block_ids == [] and second.adapter_slot == residency.slot_of["a"]
+    assert residency.refcount[residency.slot_of["a"]] == 2
     drive(sched)
     assert second.num_preemptions >= 1 and second.num_output_tokens == 12
     check_drained(sched)
