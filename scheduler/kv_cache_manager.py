@@ -87,6 +87,10 @@ class KVCacheManager:
     def ref_count(self, block: int) -> int:
         return self._ref_counts[block]
 
+    def is_cached(self, block: int) -> bool:
+        """True while block is registered in the prefix cache (its content is frozen)."""
+        return self._block_hash[block] is not None
+
     # ------------------------------------------------------------------ admission
 
     def find_cached_prefix(
