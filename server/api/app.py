@@ -51,6 +51,8 @@ def create_app(parts: EngineParts, metrics: ServerMetrics) -> FastAPI:
 
     engine.step_listeners.append(observe)
     metrics.watch_store(parts.store.stats)
+    kv_cache = parts.core.scheduler.kv_cache
+    metrics.watch_prefix_cache(kv_cache.stats.snapshot, lambda: kv_cache.num_cached_blocks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
