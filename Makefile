@@ -8,7 +8,7 @@ export LORAMUX_HOME ?= $(HOME)/.cache/loramux
 MODEL_DIR := $(LORAMUX_HOME)/models/smollm2-135m-instruct
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install model serve test test-slow test-kernels golden bench-engine bench-continuous bench-adapters bench-serve clean
+.PHONY: install model serve test test-slow test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-prefix clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ bench-adapters: install model
 
 bench-serve: install model
 	$(BIN)/python -m bench.bench_serve
+
+# Prefix caching on and off: 8 adapters with 400-token system prompts, 64 clients x 4 turns.
+bench-prefix: install model
+	$(BIN)/python -m bench.bench_prefix
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

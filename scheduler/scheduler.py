@@ -54,8 +54,8 @@ from dataclasses import dataclass, field
 from loramux.scheduler.config import SchedulerConfig, SchedulerConfigError
 from loramux.scheduler.kv_cache_manager import CachedPrefix, KVCacheManager
 from loramux.scheduler.output import ModelRunnerOutput, RequestDelta, SchedulerOutput, TokenLogprobs
-from loramux.scheduler.request import BASE_SLOT, FinishReason, Request, RequestStatus
 from loramux.scheduler.prefix_cache_stats import PrefixCacheStats
+from loramux.scheduler.request import BASE_SLOT, FinishReason, Request, RequestStatus
 from loramux.scheduler.residency import AdapterResidency
 from loramux.scheduler.stop import check_stop
 
