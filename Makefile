@@ -8,7 +8,7 @@ export LORAMUX_HOME ?= $(HOME)/.cache/loramux
 MODEL_DIR := $(LORAMUX_HOME)/models/smollm2-135m-instruct
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install model serve test test-slow test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak clean
+.PHONY: install model serve test test-slow test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak bench-prefix clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ bench-serve: install model
 SOAK_ARGS ?=
 bench-soak: install model
 	$(BIN)/python -m bench.bench_soak $(SOAK_ARGS)
+
+# Prefix caching on and off: 8 adapters with 400-token system prompts, 64 clients x 4 turns.
+bench-prefix: install model
+	$(BIN)/python -m bench.bench_prefix
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

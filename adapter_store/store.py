@@ -234,6 +234,14 @@ class AdapterStore:
             if self._slots.refs(slot) == 0:
                 self._wake()  # the slot is free or evictable now: a load may be waiting
 
+    def slot_version(self, slot: int) -> int:
+        """The version of the adapter in a slot the caller has pinned (prefix-cache key)."""
+        with self._lock:
+            owner = self._slots.owner(slot)
+            if owner is None:
+                raise ValueError(f"slot {slot} holds no adapter")
+            return owner.version
+
     def load_error(self, adapter_id: str) -> str | None:
         """Why requests naming this adapter cannot run (sticky), or None."""
         with self._lock:

@@ -30,6 +30,8 @@ class SchedulerConfig:
     # A request waiting longer than this (seconds) becomes a barrier: nothing queued behind
     # it is admitted until it is (see Scheduler). math.inf turns the barrier off.
     starvation_bound_s: float = 10.0
+    # Reuse cached KV blocks of identical prompt prefixes (same adapter version only).
+    enable_prefix_caching: bool = True
     # The model's EOS token ids (any iterable is accepted and frozen).
     eos_token_ids: frozenset[int] = frozenset()
 

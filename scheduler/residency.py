@@ -18,6 +18,10 @@ Contract for implementations:
   when the adapter is not resident (any more). Each pin is matched by exactly one `unpin`.
 - `load_error` is sticky: once an adapter is unknown, failed to load or was deleted, it
   keeps returning the message (until the adapter is registered again).
+- `slot_version` is read-only: the version number of the adapter in a slot the caller
+  holds a pin on. Versions of one id never repeat (also across deletes), so the prefix
+  cache seeds its block hashes with (adapter_id, version) and never serves a replaced or
+  deleted adapter's KV blocks to a newer version.
 Base requests (adapter_id None) never call any of these; their slot is BASE_SLOT.
 """
 
@@ -40,3 +44,5 @@ class AdapterResidency(Protocol):
     def unpin(self, slot: int) -> None: ...  # refcount -1
 
     def load_error(self, adapter_id: str) -> str | None: ...  # failed / unknown / deleted
+
+    def slot_version(self, slot: int) -> int: ...  # version held by a slot the caller pinned

@@ -11,10 +11,13 @@ rest of its prompt (a prefill, maybe split over several steps) or 1 (a decode). 
       budget, max_num_seqs and KV blocks last. A preempted request kept its slot lease, so
       it resumes on the adapter version it started with. A request whose adapter is not resident, or
       that would exceed max_loras distinct adapter slots, is skipped and waits; a request
-      whose adapter failed to load is finished with ERROR.
+      whose adapter failed to load is finished with ERROR. An admitted request first takes
+      the longest cached chain of its leading full blocks under its adapter version (prefix
+      caching, kv_cache_manager.py) and is scheduled from there.
 2. the runner computes the scheduled tokens and samples one token for every request whose
    chunk reached the end of its known tokens;
-3. `update()` appends the sampled tokens, applies stop conditions and returns deltas.
+3. `update()` appends the sampled tokens, registers newly computed full blocks in the
+   prefix cache, applies stop conditions and returns deltas.
 
 The engine calls `update()` after every `schedule()`, also after an empty one (with an
 empty ModelRunnerOutput): admission errors found by `schedule()` come back from there.
@@ -50,8 +53,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from loramux.scheduler.config import SchedulerConfig, SchedulerConfigError
-from loramux.scheduler.kv_cache_manager import KVCacheManager
+from loramux.scheduler.kv_cache_manager import CachedPrefix, KVCacheManager
 from loramux.scheduler.output import ModelRunnerOutput, RequestDelta, SchedulerOutput, TokenLogprobs
+from loramux.scheduler.prefix_cache_stats import PrefixCacheStats
 from loramux.scheduler.request import BASE_SLOT, FinishReason, Request, RequestStatus
 from loramux.scheduler.residency import AdapterResidency
 from loramux.scheduler.stop import check_stop
@@ -84,7 +88,9 @@ class Scheduler:
                 f"({residency.num_slots})"
             )
         self.config = config
-        self.kv_cache = KVCacheManager(config.num_kv_blocks, config.block_size)
+        self.kv_cache = KVCacheManager(
+            config.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
         self._residency = residency
         self._clock = clock
         self._requests: dict[str, Request] = {}  # request_id -> every unfinished request
@@ -183,6 +189,11 @@ class Scheduler:
     @property
     def kv_cache_usage(self) -> float:
         return self.kv_cache.usage
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Cumulative prefix-cache lookups and hits per adapter (safe to read from any thread)."""
+        return self.kv_cache.stats
 
     @property
     def running_adapter_ids(self) -> frozenset[str]:
@@ -296,11 +307,14 @@ class Scheduler:
             max_loras_full = len(running_slots) >= self.config.max_loras
             if slot != BASE_SLOT and slot not in running_slots and max_loras_full:
                 return _Admission.SKIPPED  # waits with its lease, like any skipped request
-        num_new = self._chunk_size(request, plan.token_budget)
-        if not self.kv_cache.allocate_slots(request, num_new):
+        prefix = self._find_cached_prefix(request, slot)
+        num_cached = len(prefix.block_ids) * self.config.block_size
+        num_new = self._chunk_size(request, plan.token_budget, start=num_cached)
+        if not self.kv_cache.admit(request, prefix, num_new):
             if held is None:
                 self._unpin(slot)
             return _Admission.NO_ROOM
+        request.num_computed_tokens = num_cached  # the cached prefix is not recomputed
         request.adapter_slot = slot
         request.status = RequestStatus.RUNNING
         self._waiting_since.pop(request.request_id)
@@ -325,14 +339,26 @@ class Scheduler:
             return None
         return slot
 
+    def _find_cached_prefix(self, request: Request, slot: int) -> CachedPrefix:
+        """The request's longest cached prefix under the adapter version its slot holds.
+
+        Requests that want prompt logprobs compute every prompt position, so they only
+        register their blocks for others and read nothing.
+        """
+        version = None if slot == BASE_SLOT else self._residency.slot_version(slot)
+        read = request.sampling_params.prompt_logprobs is None
+        return self.kv_cache.find_cached_prefix(request, request.adapter_id, version, read=read)
+
     def _load_error(self, request: Request) -> str | None:
         if request.adapter_id is None:
             return None
         return self._residency.load_error(request.adapter_id)
 
-    def _chunk_size(self, request: Request, token_budget: int) -> int:
-        """Tokens request computes this step: the rest it needs, capped by budget and chunk cap."""
-        num_new = request.num_tokens - request.num_computed_tokens
+    def _chunk_size(self, request: Request, token_budget: int, start: int | None = None) -> int:
+        """Tokens request computes this step from `start` (default: num_computed_tokens):
+        the rest it needs, capped by budget and chunk cap."""
+        start = request.num_computed_tokens if start is None else start
+        num_new = request.num_tokens - start
         assert num_new > 0, f"{request.request_id} has nothing to compute"
         if self.config.long_prefill_token_threshold:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
@@ -352,6 +378,7 @@ class Scheduler:
             return self._fail(request, runner_output.failed[request_id])
         request.num_computed_tokens += num_tokens
         assert request.num_computed_tokens <= request.num_tokens
+        self.kv_cache.cache_computed_blocks(request)  # written now: others may share them
         prompt_logprobs = self._prompt_logprobs.fresh(
             request_id, runner_output.prompt_logprobs.get(request_id, ())
         )

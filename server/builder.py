@@ -101,6 +101,7 @@ def build_engine(config: LoramuxConfig, on_adapter_load=None, adapter_load_fn: L
             max_loras=config.lora.max_loras,
             long_prefill_token_threshold=scheduling.long_prefill_token_threshold,
             starvation_bound_s=scheduling.starvation_bound_s,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
             eos_token_ids=eos,
         ),
         store,

@@ -67,6 +67,9 @@ class LoraSlotsConfig:
 class CacheConfig:
     kv_cache_bytes: int = 2 << 30
     block_size: int = 16
+    # Reuse the KV blocks of identical prompt prefixes (same adapter version only);
+    # `--no-prefix-caching` turns it off.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _check(self.kv_cache_bytes > 0, "kv_cache_bytes must be > 0")

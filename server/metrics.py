@@ -3,7 +3,9 @@
 Besides loramux_* families, the names Kubernetes' Gateway API Inference Extension scrapes
 for LoRA-aware routing are exported exactly as vLLM names them (vllm:num_requests_waiting,
 vllm:num_requests_running, vllm:kv_cache_usage_perc, vllm:lora_requests_info), so that
-router treats loramux as it treats vLLM.
+router treats loramux as it treats vLLM. Prefix-cache lookups and hits per adapter are
+exported under vLLM's names (vllm:prefix_cache_queries / vllm:prefix_cache_hits, in tokens)
+and as loramux_prefix_cache_{queries,hits}{adapter, unit="tokens"|"blocks"}.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from loramux.adapter_store.stats import LoadEvent, StoreStats
+from loramux.scheduler.prefix_cache_stats import PrefixCacheCounts
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -98,6 +101,12 @@ class ServerMetrics:
         self._store_stats = stats
         self.registry.register(_StoreCollector(stats))
 
+    def watch_prefix_cache(
+        self, counts: Callable[[], dict[str, PrefixCacheCounts]], num_cached_blocks: Callable[[], int]
+    ) -> None:
+        """Export the scheduler's prefix-cache counts per adapter at every scrape."""
+        self.registry.register(_PrefixCacheCollector(counts, num_cached_blocks))
+
     # ------------------------------------------------------------------ request side
 
     def start_request(self, endpoint: str, adapter: str | None) -> RequestTimer:
@@ -175,3 +184,40 @@ class _StoreCollector:
         evictions.add_metric(["cpu"], s.cpu_evictions)
         evictions.add_metric(["device"], s.device_evictions)
         yield evictions
+
+
+class _PrefixCacheCollector:
+    """Prefix-cache lookups and hits per adapter (cumulative), read at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[str, PrefixCacheCounts]],
+                 num_cached_blocks: Callable[[], int]) -> None:
+        self._counts = counts
+        self._num_cached_blocks = num_cached_blocks
+
+    def collect(self):
+        counts = sorted(self._counts().items())
+        queries = CounterMetricFamily(
+            "vllm:prefix_cache_queries", "Prefix-cache queries, in tokens (prompt tokens looked up).",
+            labels=["adapter"])
+        hits = CounterMetricFamily(
+            "vllm:prefix_cache_hits", "Prefix-cache hits, in tokens (tokens not recomputed).", labels=["adapter"])
+        l_queries = CounterMetricFamily(
+            "loramux_prefix_cache_queries", "Prefix-cache queries per adapter, in tokens and in full blocks.",
+            labels=["adapter", "unit"])
+        l_hits = CounterMetricFamily(
+            "loramux_prefix_cache_hits", "Prefix-cache hits per adapter, in tokens and in full blocks.",
+            labels=["adapter", "unit"])
+        requests = CounterMetricFamily(
+            "loramux_prefix_cache_requests", "Admissions that looked the prefix cache up.", labels=["adapter"])
+        for adapter, c in counts:
+            queries.add_metric([adapter], c.queries)
+            hits.add_metric([adapter], c.hits)
+            l_queries.add_metric([adapter, "tokens"], c.queries)
+            l_queries.add_metric([adapter, "blocks"], c.query_blocks)
+            l_hits.add_metric([adapter, "tokens"], c.hits)
+            l_hits.add_metric([adapter, "blocks"], c.hit_blocks)
+            requests.add_metric([adapter], c.requests)
+        yield from (queries, hits, l_queries, l_hits, requests)
+        yield GaugeMetricFamily(
+            "loramux_prefix_cache_blocks", "KV blocks registered in the prefix cache (in use or evictable).",
+            value=self._num_cached_blocks())

@@ -60,6 +60,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheduling")
     g.add_argument("--kv-cache-bytes", type=parse_bytes, default=parse_bytes("2G"))
     g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--prefix-caching", dest="enable_prefix_caching", action=argparse.BooleanOptionalAction,
+                   default=True, help="reuse cached KV blocks of shared prompt prefixes, per adapter version")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--long-prefill-token-threshold", type=int, default=512)
@@ -124,7 +126,11 @@ def config_from_args(args: argparse.Namespace):
             seed=args.seed,
         ),
         lora=LoraSlotsConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank),
-        cache=CacheConfig(kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size),
+        cache=CacheConfig(
+            kv_cache_bytes=args.kv_cache_bytes,
+            block_size=args.block_size,
+            enable_prefix_caching=args.enable_prefix_caching,
+        ),
         scheduling=SchedulingConfig(
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,

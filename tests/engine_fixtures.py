@@ -34,6 +34,7 @@ class StaticResidency:
         self.slots = dict(slots)
         self._num_slots = num_slots
         self.pins: dict[int, int] = {}
+        self.versions: dict[int, int] = {}  # slot -> version (prefix-cache key); default 1
 
     @property
     def num_slots(self) -> int:
@@ -57,6 +58,9 @@ class StaticResidency:
 
     def load_error(self, adapter_id: str) -> str | None:
         return None if adapter_id in self.slots else f"unknown adapter {adapter_id!r}"
+
+    def slot_version(self, slot: int) -> int:
+        return self.versions.get(slot, 1)  # a test that rewrites a slot bumps versions[slot]
 
 
 def build_core(

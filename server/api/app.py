@@ -91,6 +91,8 @@ def create_app(parts: EngineParts, metrics: ServerMetrics,
 
     engine.step_listeners.append(observe)
     metrics.watch_store(parts.store.stats)
+    kv_cache = parts.core.scheduler.kv_cache
+    metrics.watch_prefix_cache(kv_cache.stats.snapshot, lambda: kv_cache.num_cached_blocks)
 
     def on_engine_death(exc: BaseException) -> None:
         logger.critical("the engine thread died (%s): exiting with code %d", type(exc).__name__, FATAL_EXIT_CODE)

@@ -28,6 +28,8 @@ class FakeResidency:
         self.refcount: Counter[int] = Counter()  # slot -> pins held
         self.errors: dict[str, str] = {}  # adapter -> load error message
         self.prefetched: list[str] = []  # every prefetch call, in order
+        self.slot_versions: dict[int, int] = {}  # slot -> version of the adapter it holds
+        self._last_version: Counter[str] = Counter()  # adapter -> its newest version
         for adapter_id in resident:
             self.make_resident(adapter_id)
 
@@ -38,8 +40,14 @@ class FakeResidency:
         if slot is None:
             slot = min(set(range(self.num_slots)) - set(self.slot_of.values()))
         assert slot not in self.slot_of.values(), f"slot {slot} is taken"
-        self.slot_of[adapter_id] = slot
+        self._install(adapter_id, slot)
         return slot
+
+    def _install(self, adapter_id: str, slot: int) -> None:
+        """Every load is a new version of the adapter (as in the store: never repeated)."""
+        self._last_version[adapter_id] += 1
+        self.slot_of[adapter_id] = slot
+        self.slot_versions[slot] = self._last_version[adapter_id]
 
     def evict(self, adapter_id: str) -> None:
         slot = self.slot_of.pop(adapter_id)
@@ -83,6 +91,10 @@ class FakeResidency:
     def load_error(self, adapter_id: str) -> str | None:
         return self.errors.get(adapter_id)
 
+    def slot_version(self, slot: int) -> int:
+        assert self.refcount[slot] > 0, f"slot_version of slot {slot} without a pin"
+        return self.slot_versions[slot]
+
 
 class LoadingResidency(FakeResidency):
     """A small store: prefetched adapters load `load_steps` ticks after they get a slot.
@@ -122,7 +134,7 @@ class LoadingResidency(FakeResidency):
         for adapter_id, (slot, ready) in list(self._loading.items()):
             if ready <= self.now:
                 del self._loading[adapter_id]
-                self.slot_of[adapter_id] = slot
+                self._install(adapter_id, slot)
                 self._last_pin[adapter_id] = self.now + self.grace
         while self._wanted:
             slot = self._claim_slot()
@@ -288,12 +300,30 @@ def check_step(scheduler: Scheduler, output: SchedulerOutput) -> None:
 
 
 def check_resources(scheduler: Scheduler) -> None:
-    """KV blocks and adapter pins are accounted exactly: nothing leaked or shared."""
+    """KV blocks and adapter pins are accounted exactly: nothing leaked or double-freed.
+
+    A block is shared only through the prefix cache: then it is a full, computed block of
+    every holder, in the same position, and its reference count is its number of holders.
+    """
     running = scheduler.running_requests
     waiting = scheduler.waiting_requests
-    held = [b for r in running for b in r.block_ids]
-    assert len(held) == len(set(held)), "a block is held twice"
-    assert len(held) + scheduler.kv_cache.num_free_blocks == scheduler.config.num_kv_blocks
+    kv = scheduler.kv_cache
+    for request in running:
+        assert len(request.block_ids) == len(set(request.block_ids)), "a block is held twice"
+    held = {b for r in running for b in r.block_ids}
+    assert len(held) + kv.num_free_blocks == scheduler.config.num_kv_blocks
+    kv.check_invariants(list(running))
+    positions: dict[int, set[int]] = defaultdict(set)
+    for request in running:
+        for index, block in enumerate(request.block_ids):
+            if kv.ref_count(block) > 1:
+                positions[block].add(index)
+                assert (index + 1) * kv.block_size <= request.num_computed_tokens, (
+                    "a shared block is not a full computed block of every holder"
+                )
+    assert all(len(p) == 1 for p in positions.values()), "a shared block at two positions"
+    if not kv.enable_prefix_caching:
+        assert all(kv.ref_count(b) == 1 for b in held), "blocks shared with caching off"
     for request in waiting:
         assert request.block_ids == [] and request.num_computed_tokens == 0
         # only a preempted request keeps a lease while it waits

@@ -55,7 +55,7 @@ def test_budget_and_running_cap_hold_and_everything_finishes():
 
 
 def test_long_prompt_is_chunked_while_other_requests_keep_decoding():
-    sched = make_scheduler(max_num_batched_tokens=16)
+    sched = make_scheduler(max_num_batched_tokens=16, enable_prefix_caching=False)
     short = make_request("short", prompt_len=4, max_tokens=10)
     sched.add_request(short)
     step(sched)  # short prefilled, now decoding
@@ -83,7 +83,7 @@ def test_long_prefill_threshold_caps_one_prompt_per_step():
 
 def test_preemption_takes_the_newest_and_it_keeps_its_output():
     # 8 blocks of 4 tokens; two requests of 12 prompt tokens grow until KV runs out.
-    sched = make_scheduler(num_kv_blocks=8, block_size=4, max_model_len=32)
+    sched = make_scheduler(num_kv_blocks=8, block_size=4, max_model_len=32, enable_prefix_caching=False)
     old = make_request("old", prompt_len=12, max_tokens=12)
     new = make_request("new", prompt_len=12, max_tokens=12)
     sched.add_request(old)
@@ -126,7 +126,7 @@ def test_no_admission_in_a_step_that_preempted():
 
 
 def test_waiting_requests_are_admitted_first_come_first_served_for_kv():
-    sched = make_scheduler(num_kv_blocks=10, block_size=4, max_model_len=40)
+    sched = make_scheduler(num_kv_blocks=10, block_size=4, max_model_len=40, enable_prefix_caching=False)
     sched.add_request(make_request("running", prompt_len=24, max_tokens=8))
     step(sched)  # 7 blocks held, 3 free
     sched.add_request(make_request("big", prompt_len=20, max_tokens=1))  # needs 5
