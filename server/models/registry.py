@@ -10,9 +10,15 @@ from transformers import PretrainedConfig
 from loramux.adapter_store.format import BaseModelSpec
 from loramux.server.models.family import DecoderFamily
 from loramux.server.models.llama import LlamaFamily, MistralFamily, Qwen2Family
+from loramux.server.models.qwen3 import Qwen3Family
 from loramux.server.models.spec import ModelUnsupported
 
-_FAMILIES: tuple[DecoderFamily, ...] = (LlamaFamily(), MistralFamily(), Qwen2Family())
+_FAMILIES: tuple[DecoderFamily, ...] = (
+    LlamaFamily(),
+    MistralFamily(),
+    Qwen2Family(),
+    Qwen3Family(),
+)
 FAMILIES: dict[str, DecoderFamily] = {t: family for family in _FAMILIES for t in family.model_types}
 
 
