@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Gemma2Config, Gemma3TextConfig, Qwen2Config, Qwen3Config
 
 from loramux.scheduler.output import SchedulerOutput
 from loramux.scheduler.request import Request
@@ -51,11 +51,27 @@ def tiny_config(kind: str = "llama", **overrides):
         return MistralConfig(**{**values, "sliding_window": 4})
     if kind == "qwen3":  # q/k norms, explicit head_dim (not hidden / heads)
         return Qwen3Config(**{**values, "head_dim": 24, "tie_word_embeddings": False})
+    if kind in ("gemma2", "gemma3"):
+        # Alternating sliding (window 4) and full layers; the caps bite at these scales.
+        gemma = dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            hidden_activation="gelu_pytorch_tanh",
+        )
+        if kind == "gemma2":
+            return Gemma2Config(**{**values, **gemma, "attn_logit_softcapping": 0.5, "final_logit_softcapping": 2.0})
+        rope = {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        }
+        return Gemma3TextConfig(**{**values, **gemma, "rope_parameters": rope, "final_logit_softcapping": 3.0})
     raise ValueError(kind)
 
 
 # Every family (and family feature) the runner-vs-transformers tests and `make golden` cover.
-FAMILY_KINDS = ["llama", "llama3", "mistral-window", "qwen2", "qwen3"]
+FAMILY_KINDS = ["llama", "llama3", "mistral-window", "qwen2", "qwen3", "gemma2", "gemma3"]
 
 
 def save_tiny_model(directory: Path, kind: str = "llama", seed: int = 0, **overrides):

@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 from loramux.adapter_store.format import BaseModelSpec
 from loramux.server.models.family import DecoderFamily
+from loramux.server.models.gemma import Gemma2Family, Gemma3TextFamily
 from loramux.server.models.llama import LlamaFamily, MistralFamily, Qwen2Family
 from loramux.server.models.qwen3 import Qwen3Family
 from loramux.server.models.spec import ModelUnsupported
@@ -18,6 +19,8 @@ _FAMILIES: tuple[DecoderFamily, ...] = (
     MistralFamily(),
     Qwen2Family(),
     Qwen3Family(),
+    Gemma2Family(),
+    Gemma3TextFamily(),
 )
 FAMILIES: dict[str, DecoderFamily] = {t: family for family in _FAMILIES for t in family.model_types}
 
