@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Gemma2Config, Gemma3TextConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from loramux.scheduler.output import SchedulerOutput
 from loramux.scheduler.request import Request
@@ -67,11 +67,21 @@ def tiny_config(kind: str = "llama", **overrides):
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
         }
         return Gemma3TextConfig(**{**values, **gemma, "rope_parameters": rope, "final_logit_softcapping": 3.0})
+    if kind == "phi3":  # fused qkv_proj / gate_up_proj; LongRoPE (short factors below 64)
+        half = values["hidden_size"] // values["num_attention_heads"] // 2
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.3 * i for i in range(half)],
+            "original_max_position_embeddings": 64,
+        }
+        return Phi3Config(**{**values, "rope_parameters": rope, "original_max_position_embeddings": 64, "tie_word_embeddings": False})
     raise ValueError(kind)
 
 
 # Every family (and family feature) the runner-vs-transformers tests and `make golden` cover.
-FAMILY_KINDS = ["llama", "llama3", "mistral-window", "qwen2", "qwen3", "gemma2", "gemma3"]
+FAMILY_KINDS = ["llama", "llama3", "mistral-window", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 
 
 def save_tiny_model(directory: Path, kind: str = "llama", seed: int = 0, **overrides):

@@ -11,6 +11,7 @@ from loramux.adapter_store.format import BaseModelSpec
 from loramux.server.models.family import DecoderFamily
 from loramux.server.models.gemma import Gemma2Family, Gemma3TextFamily
 from loramux.server.models.llama import LlamaFamily, MistralFamily, Qwen2Family
+from loramux.server.models.phi3 import Phi3Family
 from loramux.server.models.qwen3 import Qwen3Family
 from loramux.server.models.spec import ModelUnsupported
 
@@ -21,6 +22,7 @@ _FAMILIES: tuple[DecoderFamily, ...] = (
     Qwen3Family(),
     Gemma2Family(),
     Gemma3TextFamily(),
+    Phi3Family(),
 )
 FAMILIES: dict[str, DecoderFamily] = {t: family for family in _FAMILIES for t in family.model_types}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from peft import PeftModel
@@ -65,7 +67,19 @@ RECIPES = [
 
 def family_recipes(kind: str) -> list[AdapterRecipe]:
     """RECIPES in the module names of the family's checkpoint (Phi-3 packs q/k/v and gate/up)."""
-    return RECIPES
+    if kind != "phi3":
+        return RECIPES
+    packed = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+    def rename(targets):
+        if isinstance(targets, str):
+            return targets.replace("k_proj", "qkv_proj")
+        return sorted({packed.get(t, t) for t in targets})
+
+    return [
+        dataclasses.replace(r, target_modules=rename(r.target_modules)) if r.target_modules != "all-linear" else r
+        for r in RECIPES
+    ]
 
 
 @pytest.mark.parametrize(
