@@ -65,23 +65,6 @@ ALL_LINEAR = "all-linear"  # PEFT's shorthand, compared case-insensitively as PE
 # A config is a few KiB; the cap keeps a stray huge file from being read into memory.
 _MAX_CONFIG_BYTES = 8 << 20
 
-# Leaf name -> parent block inside `model.layers.{i}` for Llama-family models.
-LLAMA_MODULE_PARENTS: Mapping[str, str] = MappingProxyType(
-    {
-        "q_proj": "self_attn",
-        "k_proj": "self_attn",
-        "v_proj": "self_attn",
-        "o_proj": "self_attn",
-        "gate_proj": "mlp",
-        "up_proj": "mlp",
-        "down_proj": "mlp",
-    }
-)
-_LAYERS_PREFIX = "model.layers"
-# Full names of the layers LoRA must not touch here, checked against the target rules.
-_EMBEDDING_NAME = "model.embed_tokens"
-_LM_HEAD_NAME = "lm_head"
-
 # safetensors dtype names we accept for lora_A / lora_B (fp8 and integers are refused).
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -119,9 +102,7 @@ _UNSUPPORTED_KEY_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"lora_magnitude_vector"), "DoRA"),
     (re.compile(r"\.lora_[AB](?:\.default)?\.bias$"), "LoRA bias (lora_bias)"),
     (re.compile(r"trainable_tokens"), "trainable tokens (trainable_token_indices)"),
-    (re.compile(r"(?:^|\.)lm_head\.lora_"), "lm_head LoRA"),
-    (re.compile(r"(?:^|\.)embed_tokens\.lora_"), "embedding LoRA"),
-    (re.compile(r"(?:^|\.)(?:embed_tokens|lm_head)\.weight$"), "saved embedding layers"),
+    (re.compile(r"\.modules_to_save\."), "modules_to_save"),
 )
 
 
@@ -138,12 +119,30 @@ _short = _short_repr().repr
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """What an adapter is checked against: the base model's adaptable projections."""
+    """What an adapter is checked against: the adaptable modules the base model declares.
+
+    The model family (server/models/) builds it; nothing here names a model's modules.
+    Serving modules are what a device slot holds per layer; a packed module is one PEFT
+    sees in the checkpoint (Phi-3's `qkv_proj`) whose output concatenates serving
+    modules (q_proj, k_proj, v_proj). An adapter on a packed module is served as one
+    adapter per part that shares lora_A and takes its rows of lora_B (exact: the parts'
+    outputs are the packed output's column slices).
+    """
 
     num_layers: int
-    # module name -> (in_features, out_features); the names are PEFT's leaf names for a
-    # Llama-family model: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+    # serving module (PEFT leaf name) -> (in_features, out_features)
     module_shapes: Mapping[str, tuple[int, int]]
+    # PEFT leaf name -> its path inside a decoder layer, e.g. "self_attn.q_proj"; every
+    # serving module and every packed module has one
+    module_paths: Mapping[str, str]
+    # packed PEFT module -> the serving modules its output concatenates, in order
+    packed_modules: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # PEFT leaf names "all-linear" resolves to (the model's nn.Linear leaves but the
+    # output head); None: the serving modules
+    all_linear: tuple[str, ...] | None = None
+    layers_prefix: str = "model.layers"  # full name of the decoder layer list
+    # full module names outside the layers that adapters may not target -> feature name
+    refused_modules: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_layers, int) or self.num_layers < 1:
@@ -152,49 +151,66 @@ class BaseModelSpec:
             raise ValueError("module_shapes is empty")
         shapes: dict[str, tuple[int, int]] = {}
         for name, shape in self.module_shapes.items():
-            if name not in LLAMA_MODULE_PARENTS:
-                raise ValueError(
-                    f"unknown module {name!r}; expected one of {sorted(LLAMA_MODULE_PARENTS)}"
-                )
             in_features, out_features = shape
             if min(in_features, out_features) < 1:
                 raise ValueError(f"module {name!r} has shape {shape}, expected positive sizes")
             shapes[name] = (int(in_features), int(out_features))
+        packed = {name: tuple(parts) for name, parts in self.packed_modules.items()}
+        for name, parts in packed.items():
+            if name in shapes or not parts or any(p not in shapes for p in parts):
+                raise ValueError(f"packed module {name!r} must pack serving modules, got {parts}")
+            if len({shapes[p][0] for p in parts}) != 1:
+                raise ValueError(f"the parts of packed module {name!r} differ in in_features")
+        missing = [name for name in (*shapes, *packed) if name not in self.module_paths]
+        if missing:
+            raise ValueError(f"modules {missing} have no path in module_paths")
+        all_linear = tuple(shapes) if self.all_linear is None else tuple(self.all_linear)
+        unknown = [name for name in all_linear if name not in shapes and name not in packed]
+        if unknown:
+            raise ValueError(f"all_linear names unknown modules {unknown}")
         object.__setattr__(self, "module_shapes", MappingProxyType(shapes))
-
-    @classmethod
-    def from_llama_config(cls, config: Any) -> BaseModelSpec:
-        """The spec of a Llama-family model from its transformers config (duck-typed)."""
-        hidden = config.hidden_size
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None) or hidden // num_heads
-        inter = config.intermediate_size
-        return cls(
-            num_layers=config.num_hidden_layers,
-            module_shapes={
-                "q_proj": (hidden, num_heads * head_dim),
-                "k_proj": (hidden, num_kv_heads * head_dim),
-                "v_proj": (hidden, num_kv_heads * head_dim),
-                "o_proj": (num_heads * head_dim, hidden),
-                "gate_proj": (hidden, inter),
-                "up_proj": (hidden, inter),
-                "down_proj": (inter, hidden),
-            },
-        )
+        object.__setattr__(self, "module_paths", MappingProxyType(dict(self.module_paths)))
+        object.__setattr__(self, "packed_modules", MappingProxyType(packed))
+        object.__setattr__(self, "all_linear", all_linear)
+        object.__setattr__(self, "refused_modules", MappingProxyType(dict(self.refused_modules)))
 
     def __hash__(self) -> int:  # MappingProxyType is unhashable; the spec is a fine cache key
-        return hash((self.num_layers, tuple(self.module_shapes.items())))
+        return hash(
+            (
+                self.num_layers,
+                tuple(self.module_shapes.items()),
+                tuple(self.module_paths.items()),
+                tuple(self.packed_modules.items()),
+                self.layers_prefix,
+            )
+        )
 
     def module_name(self, layer: int, module: str) -> str:
-        """PEFT's full name of a projection, e.g. model.layers.3.self_attn.q_proj."""
-        return f"{_LAYERS_PREFIX}.{layer}.{LLAMA_MODULE_PARENTS[module]}.{module}"
+        """PEFT's full name of a module, e.g. model.layers.3.self_attn.q_proj."""
+        return f"{self.layers_prefix}.{layer}.{self.module_paths[module]}"
 
     def modules(self) -> Iterator[tuple[int, str]]:
-        """Every adaptable (layer_index, module_name), layer-major."""
+        """Every serving (layer_index, module_name), layer-major."""
         for layer in range(self.num_layers):
             for module in self.module_shapes:
                 yield layer, module
+
+    def peft_shape(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of a serving or packed module as PEFT sees it."""
+        parts = self.packed_modules.get(module)
+        if parts is None:
+            return self.module_shapes[module]
+        return self.module_shapes[parts[0]][0], sum(self.module_shapes[p][1] for p in parts)
+
+    def part_rows(self, packed: str, part: str) -> slice:
+        """The rows of a packed module's lora_B [out, r] that belong to `part`."""
+        start = 0
+        for name in self.packed_modules[packed]:
+            width = self.module_shapes[name][1]
+            if name == part:
+                return slice(start, start + width)
+            start += width
+        raise KeyError(part)
 
 
 @dataclass(frozen=True)
@@ -217,10 +233,11 @@ class LoraAdapterConfig:
 
 @dataclass(frozen=True)
 class ModuleTarget:
-    """Rank and scaling of one adapted projection, from the config alone."""
+    """Rank and scaling of one adapted serving module, from the config alone."""
 
     rank: int
     scaling: float
+    packed: str | None = None  # the packed module whose adapter this part serves, if any
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value
@@ -512,25 +529,39 @@ def resolve_targets(
     matcher = PatternMatcher(adapter_id, path)  # one time budget for all of its matches
     targets = config.target_modules
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        # PEFT resolves "all-linear" to every nn.Linear but the output head; in a
-        # Llama-family model those are exactly the block projections the spec lists.
-        targets = tuple(spec.module_name(layer, module) for layer, module in spec.modules())
+        # PEFT resolves "all-linear" to every nn.Linear but the output head; the model
+        # declares which of its modules those are.
+        targets = tuple(
+            spec.module_name(layer, module) for layer in range(spec.num_layers) for module in spec.all_linear
+        )
 
-    for name, feature in ((_EMBEDDING_NAME, "embedding LoRA"), (_LM_HEAD_NAME, "lm_head LoRA")):
+    for name, feature in spec.refused_modules.items():
         if _is_targeted(matcher, config, targets, name):
             raise AdapterUnsupported(adapter_id, path, feature, f"target_modules matches {name}")
 
     resolved: dict[tuple[int, str], ModuleTarget] = {}
-    for layer, module in spec.modules():
-        name = spec.module_name(layer, module)
-        if not _is_targeted(matcher, config, targets, name):
-            continue
-        rank = _pattern_value(matcher, "rank_pattern", config.rank_pattern, name, config.r)
-        alpha = _pattern_value(
-            matcher, "alpha_pattern", config.alpha_pattern, name, config.lora_alpha
-        )
-        scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-        resolved[(layer, module)] = ModuleTarget(rank=rank, scaling=scaling)
+    for layer in range(spec.num_layers):
+        for module in (*spec.module_shapes, *spec.packed_modules):
+            name = spec.module_name(layer, module)
+            if not _is_targeted(matcher, config, targets, name):
+                continue
+            rank = _pattern_value(matcher, "rank_pattern", config.rank_pattern, name, config.r)
+            alpha = _pattern_value(
+                matcher, "alpha_pattern", config.alpha_pattern, name, config.lora_alpha
+            )
+            scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+            parts = spec.packed_modules.get(module)
+            for part in parts or (module,):
+                if (layer, part) in resolved:
+                    raise AdapterInvalid(
+                        adapter_id,
+                        path,
+                        f"target_modules adapts both {name} and its part {spec.module_name(layer, part)}",
+                    )
+                resolved[(layer, part)] = ModuleTarget(rank, scaling, module if parts else None)
+    # Layer-major in the spec's serving-module order, whatever matched first.
+    order = {key: i for i, key in enumerate(spec.modules())}
+    resolved = dict(sorted(resolved.items(), key=lambda item: order[item[0]]))
     if not resolved:
         layers = ""
         if config.layers_to_transform is not None:
@@ -689,7 +720,9 @@ def _read_weights(
     with safe_open(path, framework="pt", device="cpu") as f:
         # 1. Map every key to its (layer, module) and check dtype and shape from the header
         #    alone, so a wrong adapter is refused before any tensor data is read.
-        keys: dict[tuple[int, str], dict[str, str]] = {}  # (layer, module) -> {"A"|"B": key}
+        # (layer, PEFT module) -> {"A"|"B": key}; a packed module's tensors serve its parts
+        sources = {(layer, t.packed or module): t for (layer, module), t in targets.items()}
+        keys: dict[tuple[int, str], dict[str, str]] = {}
         names = f.keys()
         # A header of a million keys is refused at once, not key by key (2 per projection
         # of the whole model, doubled, leaves room for the precise messages below).
@@ -702,7 +735,7 @@ def _read_weights(
         for key in names:
             layer, module, factor = _parse_tensor_key(adapter_id, path, key, spec)
             name = spec.module_name(layer, module)
-            target = targets.get((layer, module))
+            target = sources.get((layer, module))
             if target is None:
                 raise invalid(f"tensor {key!r} is for {name}, which target_modules does not target")
             pair = keys.setdefault((layer, module), {})
@@ -718,7 +751,7 @@ def _read_weights(
                 raise invalid(
                     f"tensor {key!r} has dtype {stored}, expected one of {', '.join(_FLOAT_DTYPES)}"
                 )
-            in_features, out_features = spec.module_shapes[module]
+            in_features, out_features = spec.peft_shape(module)
             expected, layout = (
                 ([target.rank, in_features], "[rank, in_features]")
                 if factor == "A"
@@ -731,7 +764,7 @@ def _read_weights(
                     f"with rank {target.rank} from adapter_config.json"
                 )
 
-        for layer, module in targets:
+        for layer, module in sources:
             for factor in "AB":
                 if factor not in keys.get((layer, module), {}):
                     raise invalid(
@@ -767,15 +800,19 @@ def _read_weights(
         accumulate = torch.float64 if dtype == torch.float64 else torch.float32
         stored = SafetensorsViews(path)  # safe_open has validated the header
         for (layer, module), target in targets.items():
-            pair = keys[(layer, module)]
+            pair = keys[(layer, target.packed or module)]
+            stored_a = stored.get(pair["A"])  # [rank, in_features]
+            stored_b = stored.get(pair["B"])  # [out_features, rank] (of the packed module)
+            if target.packed is not None:
+                stored_b = stored_b[spec.part_rows(target.packed, module)]
             stack = stacks.get(module)
             if stack is None:
-                lora_a = stored.get(pair["A"]).to(dtype, copy=True)  # [rank, in_features]
-                lora_b = stored.get(pair["B"]).to(dtype, copy=True)  # [out_features, rank]
+                lora_a = stored_a.to(dtype, copy=True)
+                lora_b = stored_b.to(dtype, copy=True)
                 sums += (lora_a.sum(dtype=accumulate), lora_b.sum(dtype=accumulate))
             else:
-                lora_a = stack.lora_a[layer].copy_(stored.get(pair["A"]))
-                lora_b = stack.lora_b[layer].copy_(stored.get(pair["B"]))
+                lora_a = stack.lora_a[layer].copy_(stored_a)
+                lora_b = stack.lora_b[layer].copy_(stored_b)
             read += ((pair["A"], lora_a), (pair["B"], lora_b))
             modules[(layer, module)] = LoraModuleWeights(lora_a, lora_b, target.scaling)
         for stack in stacks.values():
@@ -811,20 +848,26 @@ def _parse_tensor_key(
     for pattern, feature in _UNSUPPORTED_KEY_PATTERNS:
         if pattern.search(key):
             raise AdapterUnsupported(adapter_id, path, feature, f"tensor {key!r}")
+    for name, feature in spec.refused_modules.items():
+        # PEFT's key of a module outside the layers: <prefix>.<name>.lora_A.weight, or the
+        # saved layer itself (<prefix>.<name>.weight) when the embeddings were resized.
+        if re.search(rf"(?:^|\.){re.escape(name)}\.(?:lora_|weight$)", key):
+            what = feature if ".lora_" in key else "saved embedding layers"
+            raise AdapterUnsupported(adapter_id, path, what, f"tensor {key!r}")
     match = _LORA_KEY.fullmatch(key)
     if match is None:
         raise AdapterInvalid(
             adapter_id,
             path,
             f"unexpected tensor {key!r}; expected "
-            "'base_model.model.model.layers.<i>.<block>.<proj>.lora_A.weight' or lora_B",
+            f"'base_model.model.{spec.layers_prefix}.<i>.<block>.<proj>.lora_A.weight' or lora_B",
         )
     layer = int(match.group("layer"))
     module = match.group("path").rsplit(".", 1)[-1]
-    if module not in spec.module_shapes or match.group("path") != (
-        f"{LLAMA_MODULE_PARENTS[module]}.{module}"
+    if spec.module_paths.get(module) != match.group("path") or not (
+        module in spec.module_shapes or module in spec.packed_modules
     ):
-        known = ", ".join(f"{LLAMA_MODULE_PARENTS[m]}.{m}" for m in spec.module_shapes)
+        known = ", ".join(spec.module_paths[m] for m in (*spec.module_shapes, *spec.packed_modules))
         raise AdapterInvalid(
             adapter_id,
             path,

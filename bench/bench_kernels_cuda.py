@@ -225,6 +225,7 @@ def bench_scenario(s: Scenario, module: str, dtype, timer, sweep: bool, device=N
     h_torch = t_shrink(x)
 
     # Same answer from every path before timing anything.
+    triton_backend.prepare(info)  # once per step, as the runner does
     ref = torch.zeros_like(y, dtype=torch.float32)
     torch_backend.add_lora(ref, x.float(), [_as_fp32(b) for b in slices], info)
     checks = {

@@ -1,6 +1,7 @@
 """The one LoRA call every adapted projection makes, and the choice of who serves it.
 
 The backend is chosen once at start-up (`select_backend`); no layer branches on it.
+Per-step planning is explicit: `prepare(info)` once, then `add_lora` per layer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from loramux.kernels.metadata import LoraBatchInfo
 
 
 class LoraBackend(Protocol):
+    """Per step: the runner calls `prepare(info)` once, then every adapted layer calls
+    `add_lora(..., info)` with that same info (vLLM's punica `update_metadata`)."""
+
     name: str
+
+    def prepare(self, info: LoraBatchInfo) -> None:
+        """Plan the step's launches from the host copies in `info` (once per step)."""
+        ...
 
     def add_lora(
         self,

@@ -69,7 +69,7 @@ class CpuLoraBackend:
         self._kernel.restype = None
         self._kernel.argtypes = [_P, _I64, _P, _I64, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I]
         self._num_threads = num_threads
-        self._planned_info: LoraBatchInfo | None = None
+        self._prepared: LoraBatchInfo | None = None  # the info `prepare` planned
         self._plan: _SegmentPlan | None = None
         self._slice_tables: dict[int, _SliceTable] = {}  # id(slices) -> pointer arrays
 
@@ -85,12 +85,10 @@ class CpuLoraBackend:
             logger.warning("CPU LoRA kernel unavailable, using the torch backend: %s", exc)
             return TorchLoraBackend()
 
-    def _segment_plan(self, info: LoraBatchInfo) -> _SegmentPlan:
-        if info is not self._planned_info:  # one plan per step, reused by every layer
-            self._plan = _plan_segments(info)
-            self._planned_info = info
-        assert self._plan is not None
-        return self._plan
+    def prepare(self, info: LoraBatchInfo) -> None:
+        """Split the step's segments between the two paths (once per step)."""
+        self._plan = _plan_segments(info)
+        self._prepared = info
 
     def add_lora(
         self,
@@ -99,7 +97,9 @@ class CpuLoraBackend:
         slices: Sequence[LoraModuleBuffers],
         info: LoraBatchInfo,
     ) -> None:
-        plan = self._segment_plan(info)
+        plan = self._plan
+        if plan is None or info is not self._prepared:
+            raise RuntimeError("add_lora called with a LoraBatchInfo that prepare() did not plan")
         if plan.long_segments:
             add_lora_segments(y, x, slices, info, plan.long_segments)
         if not plan.num_short:

@@ -43,6 +43,9 @@ def add_lora_segments(
 class TorchLoraBackend:
     name = "torch"
 
+    def prepare(self, info: LoraBatchInfo) -> None:
+        """Nothing to plan: every call loops over the segments of `info`."""
+
     def add_lora(
         self,
         y: torch.Tensor,

@@ -14,7 +14,7 @@ bench/bench_kernels_cuda.py.)
 
 Per-call host work is a dict lookup for the slices' pointer table (built once per
 projection) and the shape checks; per-step work (the SGMV tile list, per-token scales) is
-built once, from host copies, by the first layer that sees a new LoraBatchInfo. Nothing
+built once, from host copies, by `prepare(info)`, which the runner calls once per step. Nothing
 reads device memory on the host (no .item()).
 
 CUDA only: `select_backend` imports this module for name="triton" or a CUDA device; the
@@ -71,14 +71,18 @@ class TritonLoraBackend:
     def __init__(self, bgmv_max_seg_len: int = BGMV_MAX_SEG_LEN) -> None:
         self.bgmv_max_seg_len = bgmv_max_seg_len
         self._tables: dict[tuple[LoraModuleBuffers, ...], LoraSliceTable] = {}
-        self._planned_info: LoraBatchInfo | None = None
+        self._prepared: LoraBatchInfo | None = None  # the info `prepare` planned
         self._plan: _StepPlan | None = None
 
+    def prepare(self, info: LoraBatchInfo) -> None:
+        """Plan the step's launches (BGMV or SGMV tiles) once, for every layer."""
+        self._plan = plan_step(info, self.bgmv_max_seg_len)
+        self._prepared = info
+
     def step_plan(self, info: LoraBatchInfo) -> _StepPlan:
-        if info is not self._planned_info:  # one plan per step, reused by every layer
-            self._plan = plan_step(info, self.bgmv_max_seg_len)
-            self._planned_info = info
-        assert self._plan is not None
+        """The plan `prepare(info)` made; calling add_lora without it is a bug."""
+        if self._plan is None or info is not self._prepared:
+            raise RuntimeError("add_lora called with a LoraBatchInfo that prepare() did not plan")
         return self._plan
 
     def slice_table(self, slices: Sequence[LoraModuleBuffers]) -> LoraSliceTable:

@@ -18,8 +18,8 @@ from loramux.scheduler.config import SchedulerConfig
 from loramux.scheduler.scheduler import Scheduler
 from loramux.server.config import ConfigError, LoramuxConfig
 from loramux.server.engine_core import EngineCore
-from loramux.server.models.llama import LlamaModel
 from loramux.server.models.loader import load_model
+from loramux.server.models.protocol import ServingModel
 from loramux.server.runner.model_runner import ModelRunner, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 class EngineParts:
     config: LoramuxConfig
     core: EngineCore
-    model: LlamaModel
+    model: ServingModel
     store: AdapterStore
     tokenizer: object
     eos_token_ids: frozenset[int]
@@ -60,8 +60,8 @@ def build_engine(config: LoramuxConfig, on_adapter_load=None, adapter_load_fn: L
     mc = config.model
     device = torch.device(mc.device)
     dtype = mc.torch_dtype
-    tokenizer = AutoTokenizer.from_pretrained(str(mc.model_dir))
     backend = select_backend(device, dtype, default_cache_dir(), mc.lora_backend)
+    # The model first: an unsupported model_type or feature is the first error, not the tokenizer's.
     model = load_model(
         mc.model_dir,
         backend,
@@ -71,6 +71,7 @@ def build_engine(config: LoramuxConfig, on_adapter_load=None, adapter_load_fn: L
         max_lora_slots=config.lora.max_loras,
         max_lora_rank=config.lora.max_lora_rank,
     )
+    tokenizer = AutoTokenizer.from_pretrained(str(mc.model_dir))
     block_size = config.cache.block_size
     num_blocks = config.cache.kv_cache_bytes // kv_bytes_per_block(model, block_size)
     needed = -(-model.spec.max_model_len // block_size)

@@ -194,7 +194,11 @@ def serve(args: argparse.Namespace) -> int:
     # an OpenMP worker pool of its own (kernels/openmp.py).
     set_thread_openmp_threads(1)
     metrics = ServerMetrics(config.lora.max_loras)
-    parts = build_engine(config, on_adapter_load=metrics.observe_adapter_load)
+    try:
+        parts = build_engine(config, on_adapter_load=metrics.observe_adapter_load)
+    except ValueError as exc:  # ModelUnsupported, CheckpointError, ConfigError: one clear line
+        print(f"loramux serve: error: {exc}", file=sys.stderr)
+        return 2
     runner = ServerRunner(config.server)
     app = create_app(parts, metrics, on_fatal=runner.fatal)
     return runner.run(app)

@@ -1,18 +1,25 @@
-"""Load a local HF-format Llama-family checkpoint (safetensors only) into our layout."""
+"""Load a local HF-format checkpoint (safetensors only) into the serving layout.
+
+Model-agnostic: the family (registry.py) says which checkpoint tensors fill which weight.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from loramux.kernels.attention.backend import AttentionBackend, select_attention_backend
 from loramux.kernels.backend import LoraBackend
-from loramux.kernels.buffers import LoraModuleBuffers, LoraModuleStack
-from loramux.server.models.llama import LayerLora, LayerWeights, LlamaModel, ModelWeights
-from loramux.server.models.spec import ModelSpec, ModelUnsupported, load_hf_config, model_spec_from_config, rope_tables
+from loramux.kernels.buffers import LoraModuleStack
+from loramux.server.models.decoder import LORA_GROUPS, DecoderModel, LayerLora, LayerWeights, ModelWeights
+from loramux.server.models.family import DecoderFamily
+from loramux.server.models.registry import family_for
+from loramux.server.models.spec import ModelSpec, ModelUnsupported, load_hf_config
 
 
 class CheckpointError(ValueError):
@@ -55,63 +62,40 @@ class _TensorTable:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.model_dir}")
         return self.tensors.pop(name).to(device=self.device, dtype=self.dtype)
 
-    def maybe(self, name: str, present: bool) -> torch.Tensor | None:
-        return self.get(name) if present else None
-
-    def cat(self, names: list[str], present: bool = True) -> torch.Tensor | None:
-        if not present:
-            return None
+    def cat(self, names: list[str]) -> torch.Tensor:
+        if len(names) == 1:
+            return self.get(names[0])
         return torch.cat([self.get(n) for n in names], dim=0).contiguous()
 
 
-def _load_weights(table: _TensorTable, spec: ModelSpec) -> ModelWeights:
+def _load_weights(table: _TensorTable, family: DecoderFamily, spec: ModelSpec) -> ModelWeights:
+    def norm(field: str, tensor: torch.Tensor) -> torch.Tensor:
+        # Gemma's norms multiply by (1 + w): fold the offset in once, here.
+        return tensor + spec.norm_offset if field.endswith("norm") and spec.norm_offset else tensor
+
     layers = []
+    layer_fields = {f.name for f in fields(LayerWeights)}
     for i in range(spec.num_layers):
-        p = f"model.layers.{i}."
-        attn = [p + f"self_attn.{m}_proj" for m in ("q", "k", "v")]
-        mlp = [p + f"mlp.{m}_proj" for m in ("gate", "up")]
-        layers.append(
-            LayerWeights(
-                input_norm=table.get(p + "input_layernorm.weight"),
-                qkv=table.cat([n + ".weight" for n in attn]),
-                qkv_bias=table.cat([n + ".bias" for n in attn], spec.qkv_bias),
-                o=table.get(p + "self_attn.o_proj.weight"),
-                o_bias=table.maybe(p + "self_attn.o_proj.bias", spec.o_bias),
-                post_attention_norm=table.get(p + "post_attention_layernorm.weight"),
-                gate_up=table.cat([n + ".weight" for n in mlp]),
-                gate_up_bias=table.cat([n + ".bias" for n in mlp], spec.mlp_bias),
-                down=table.get(p + "mlp.down_proj.weight"),
-                down_bias=table.maybe(p + "mlp.down_proj.bias", spec.mlp_bias),
-            )
-        )
-    embed = table.get("model.embed_tokens.weight")
-    if spec.tie_word_embeddings:
-        table.tensors.pop("lm_head.weight", None)
-        lm_head = embed
-    else:
-        lm_head = table.get("lm_head.weight")
-    return ModelWeights(embed=embed, layers=layers, final_norm=table.get("model.norm.weight"), lm_head=lm_head)
+        names = family.layer_tensors(spec, i)
+        assert set(names) <= layer_fields, set(names) - layer_fields
+        layers.append(LayerWeights(**{field: norm(field, table.cat(n)) for field, n in names.items()}))
+    names = family.model_tensors(spec)
+    embed = table.get(names["embed"])
+    lm_head = table.get(names["lm_head"]) if "lm_head" in names else embed
+    final_norm = norm("final_norm", table.get(names["final_norm"]))
+    return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
 def _lora_buffers(
     spec: ModelSpec, max_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
 ) -> list[LayerLora]:
-    # One stack per projection: a slot of all layers is one strided region (adapter writes).
+    # One stack per serving module: a slot of all layers is one strided region (adapter writes).
     stacks = {
         name: LoraModuleStack(spec.num_layers, max_slots, max_rank, *shape, dtype, device)
-        for name, shape in spec.lora_module_shapes().items()
+        for name, shape in spec.adapter_spec.module_shapes.items()
     }
-
-    def make(name: str, layer: int) -> LoraModuleBuffers:
-        return stacks[name].layers[layer]
-
     return [
-        LayerLora(
-            qkv=(make("q_proj", i), make("k_proj", i), make("v_proj", i)),
-            o=(make("o_proj", i),),
-            gate_up=(make("gate_proj", i), make("up_proj", i)),
-            down=(make("down_proj", i),),
-        )
+        {group: tuple(stacks[name].layers[i] for name in names) for group, names in LORA_GROUPS.items()}
         for i in range(spec.num_layers)
     ]
 
@@ -124,7 +108,8 @@ def load_model(
     max_model_len: int | None = None,
     max_lora_slots: int = 0,
     max_lora_rank: int = 0,
-) -> LlamaModel:
+    attention_backend: AttentionBackend | None = None,
+) -> DecoderModel:
     """Read config + safetensors from `model_dir` and build the serving model.
 
     max_lora_slots > 0 allocates that many stacked adapter slots of up to max_lora_rank.
@@ -134,12 +119,14 @@ def load_model(
         raise CheckpointError(f"{model_dir} has no config.json (is it a HF-format checkpoint?)")
     device = torch.device(device)
     config = load_hf_config(model_dir)
-    spec = model_spec_from_config(config, max_model_len)
+    family = family_for(config)
+    spec = family.spec(config, max_model_len)
     table = _TensorTable(model_dir, dtype, device)
-    weights = _load_weights(table, spec)
-    leftovers = [n for n in table.tensors if "rotary_emb" not in n]
+    weights = _load_weights(table, family, spec)
+    leftovers = [n for n in table.tensors if not family.ignored_tensor(n)]
     if leftovers:
         raise ModelUnsupported(f"unexpected tensors in {model_dir}: {', '.join(sorted(leftovers)[:5])}")
-    cos, sin = rope_tables(config, spec)
+    rope = family.rope_tables(config, spec)
     lora = _lora_buffers(spec, max_lora_slots, max_lora_rank, dtype, device) if max_lora_slots > 0 else None
-    return LlamaModel(spec, weights, cos, sin, lora, backend)
+    attention = attention_backend or select_attention_backend(device)
+    return DecoderModel(spec, weights, rope, lora, backend, attention)

@@ -15,8 +15,7 @@ import torch
 from loramux.kernels.metadata import NO_ADAPTER, build_lora_batch_info
 from loramux.scheduler.output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from loramux.scheduler.request import BASE_SLOT, Request
-from loramux.server.models.llama import ForwardBatch, LlamaModel
-from loramux.server.runner.attention import build_attention_metadata
+from loramux.server.models.protocol import ForwardBatch, ServingModel
 from loramux.server.runner.sampler import Sampler, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ class PreparedStep:
 
 
 def allocate_kv_caches(
-    model: LlamaModel, num_blocks: int, block_size: int
+    model: ServingModel, num_blocks: int, block_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     spec = model.spec
     shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
@@ -46,14 +45,14 @@ def allocate_kv_caches(
     ]
 
 
-def kv_bytes_per_block(model: LlamaModel, block_size: int) -> int:
+def kv_bytes_per_block(model: ServingModel, block_size: int) -> int:
     spec = model.spec
     elem = torch.empty((), dtype=model.dtype).element_size()
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_kv_blocks: int, block_size: int, seed: int = 0) -> None:
+    def __init__(self, model: ServingModel, num_kv_blocks: int, block_size: int, seed: int = 0) -> None:
         self.model = model
         self.block_size = block_size
         self.kv_caches = allocate_kv_caches(model, num_kv_blocks, block_size)
@@ -80,11 +79,12 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         device = self.model.device
         lora = build_lora_batch_info([_slot(r) for r in requests], num_tokens, device=device)
-        attention = build_attention_metadata(
+        attention = self.model.attention_backend.build_metadata(
             [r.num_computed_tokens for r in requests],
             num_tokens,
             [r.block_ids for r in requests],
             self.block_size,
+            self.model.spec.windows,
             device,
         )
         batch = ForwardBatch(
@@ -104,6 +104,7 @@ class ModelRunner:
 
     def forward(self, step: PreparedStep) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the whole step."""
+        self.model.lora_backend.prepare(step.batch.lora)  # once per step, before any layer
         return self.model.forward(step.batch, self.kv_caches)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

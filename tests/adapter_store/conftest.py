@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from loramux.adapter_store.format import BaseModelSpec
+from loramux.server.models.registry import adapter_spec_for
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -31,7 +32,7 @@ def llama_config():
 
 @pytest.fixture(scope="session")
 def spec(llama_config) -> BaseModelSpec:
-    return BaseModelSpec.from_llama_config(llama_config)
+    return adapter_spec_for(llama_config)  # what the model family declares
 
 
 @pytest.fixture

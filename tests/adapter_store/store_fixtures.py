@@ -31,6 +31,10 @@ TINY_SPEC = BaseModelSpec(
         "up_proj": (64, 128),
         "down_proj": (128, 64),
     },
+    module_paths={
+        **{m: f"self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        **{m: f"mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")},
+    },
 )
 MAX_RANK = 8
 

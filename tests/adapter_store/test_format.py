@@ -550,6 +550,16 @@ def test_errors_pickle_and_read_well(error):
     assert str(error).startswith("adapter 'a'")
 
 
-def test_spec_rejects_unknown_modules():
+def test_spec_takes_the_modules_the_model_declares():
+    """The store names no model's modules: any declared module works, if it has a path."""
+    spec = BaseModelSpec(num_layers=2, module_shapes={"c_attn": (64, 192)}, module_paths={"c_attn": "attn.c_attn"})
+    assert spec.module_name(1, "c_attn") == "model.layers.1.attn.c_attn"
     with pytest.raises(ValueError, match="c_attn"):
-        BaseModelSpec(num_layers=2, module_shapes={"c_attn": (64, 192)})
+        BaseModelSpec(num_layers=2, module_shapes={"c_attn": (64, 192)}, module_paths={})
+    with pytest.raises(ValueError, match="qkv"):
+        BaseModelSpec(
+            num_layers=2,
+            module_shapes={"c_attn": (64, 192)},
+            module_paths={"c_attn": "attn.c_attn", "qkv": "attn.qkv"},
+            packed_modules={"qkv": ("q", "k")},
+        )

@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from loramux.adapter_store.format import BaseModelSpec, load_adapter
+from loramux.adapter_store.format import load_adapter
+from loramux.server.models.registry import adapter_spec_for
 from examples.behaviours import BEHAVIOURS, json_answer, shows
 from examples.questions import HELD_OUT_TOPICS
 from loramux.server.model_fetch import default_model_dir, is_complete
@@ -45,7 +46,7 @@ def test_adapter_store_loads_it(behaviour):
     directory = shipped(behaviour)
     if not is_complete(default_model_dir()):
         pytest.skip("the default model is not fetched")
-    spec = BaseModelSpec.from_llama_config(AutoConfig.from_pretrained(default_model_dir()))
+    spec = adapter_spec_for(AutoConfig.from_pretrained(default_model_dir()))
     adapter = load_adapter(behaviour, directory, spec, max_rank=64)
     assert adapter.max_rank in (8, 16)
     assert len(adapter.modules) == spec.num_layers * len(spec.module_shapes)  # all linear projections

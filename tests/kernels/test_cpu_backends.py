@@ -56,6 +56,7 @@ def test_backend_matches_reference(backend, layout, max_rank):
     info, slices, x, y = make_case(layout, num_tokens, 200, [576], max_rank)
     expected = y.clone()
     add_lora_reference(expected, x, slices, info)
+    backend.prepare(info)
     backend.add_lora(y, x, slices, info)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
@@ -67,6 +68,7 @@ def test_backend_fused_slices(backend, in_features, widths, layout):
     info, slices, x, y = make_case(layout, 24, in_features, widths, 16, seed=3)
     expected = y.clone()
     add_lora_reference(expected, x, slices, info)
+    backend.prepare(info)
     backend.add_lora(y, x, slices, info)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
@@ -77,6 +79,7 @@ def test_output_column_slice_view(backend):
     wide = torch.randn(info.num_tokens, 100)
     expected = wide.clone()
     add_lora_reference(expected[:, 20:68], x, slices, info)
+    backend.prepare(info)
     backend.add_lora(wide[:, 20:68], x, slices, info)
     torch.testing.assert_close(wide, expected, atol=1e-4, rtol=1e-4)
 
@@ -89,6 +92,7 @@ def test_segment_scales(backend):
     x, y = torch.randn(6, 32), torch.randn(6, 40)
     expected = y.clone()
     add_lora_per_token(expected, x, slices, [0, 0, 0, 2, 2, 2], [1.0, 1.0, 0.25, 2.0, 2.0, 2.0])
+    backend.prepare(info)
     backend.add_lora(y, x, slices, info)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
@@ -99,9 +103,11 @@ def test_result_is_batch_invariant(backend):
     x = torch.randn(7, 576)
     alone_info = build_lora_batch_info([4], [1])
     alone = torch.zeros(1, 576)
+    backend.prepare(alone_info)
     backend.add_lora(alone, x[3:4], slices, alone_info)
     batch_info = build_lora_batch_info([0, 1, 4, 5], [2, 1, 1, 3])
     batched = torch.zeros(7, 576)
+    backend.prepare(batch_info)
     backend.add_lora(batched, x, slices, batch_info)
     assert torch.equal(batched[3], alone[0])
 
@@ -124,3 +130,15 @@ def test_metadata_merges_runs():
     assert info.max_seg_len == 5
     assert info.has_adapters
     assert not build_lora_batch_info([-1], [3]).has_adapters
+
+
+def test_add_lora_needs_prepare(backend):
+    """The plan is explicit: add_lora on an info that prepare() did not see is refused."""
+    info, slices, x, y = make_case("zipf", 9, 64, [48], 8)
+    if backend.name == "torch":
+        backend.add_lora(y, x, slices, info)  # plans nothing: any info is fine
+        return
+    with pytest.raises(RuntimeError, match="prepare"):
+        backend.add_lora(y, x, slices, info)
+    backend.prepare(info)
+    backend.add_lora(y, x, slices, info)

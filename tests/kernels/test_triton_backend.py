@@ -30,7 +30,9 @@ def test_backend_matches_reference(triton_device, layout):
     """The backend's own dispatch over every layout, a fused qkv-like projection, mixed ranks."""
     seqs = segment_layout(layout, 14, seed=8)
     case = Case(seqs, 200, [64, 32, 32], [16, 16, 16], torch.float32, triton_device, seed=8)
-    TritonLoraBackend().add_lora(case.y, case.x, case.slices, case.info)
+    backend = TritonLoraBackend()
+    backend.prepare(case.info)
+    backend.add_lora(case.y, case.x, case.slices, case.info)
     torch.testing.assert_close(case.y.cpu(), case.expected_y, **TOLERANCES[torch.float32])
 
 
@@ -39,7 +41,9 @@ def test_backend_matches_reference(triton_device, layout):
 def test_backend_segment_scales(triton_device, bgmv_max_seg_len, dtype):
     seqs = [(0, 2), (0, 1), (2, 3), (-1, 1), (5, 2)]
     case = Case(seqs, 200, [40, 24], [8, 8], dtype, triton_device, seed=9, scales=[1.0, 0.25, 2.0, 1.0, -0.5])
-    TritonLoraBackend(bgmv_max_seg_len).add_lora(case.y, case.x, case.slices, case.info)
+    backend = TritonLoraBackend(bgmv_max_seg_len)
+    backend.prepare(case.info)
+    backend.add_lora(case.y, case.x, case.slices, case.info)
     torch.testing.assert_close(case.y.float().cpu(), case.expected_y, **TOLERANCES[dtype])
 
 
@@ -47,14 +51,19 @@ def test_dispatch_rule(triton_device):
     """BGMV iff the longest segment has at most BGMV_MAX_SEG_LEN tokens; all-base runs nothing."""
     backend = TritonLoraBackend()
     short = build_lora_batch_info([0, 1, 0, 2], [BGMV_MAX_SEG_LEN, 1, 2, 3], device=triton_device)
+    backend.prepare(short)
     plan = backend.step_plan(short)
     assert plan.active and plan.use_bgmv and plan.tiles is None and plan.token_scales is None
     assert backend.step_plan(short) is plan  # planned once per step
     long = build_lora_batch_info([0, 1], [BGMV_MAX_SEG_LEN + 1, 1], device=triton_device)
+    with pytest.raises(RuntimeError, match="prepare"):
+        backend.step_plan(long)  # not prepared: no hidden re-planning
+    backend.prepare(long)
     plan = backend.step_plan(long)
     assert plan.active and not plan.use_bgmv and plan.tiles.num_tiles == 2
-    assert not backend.step_plan(build_lora_batch_info([-1, -1], [3, 9], device=triton_device)).active
-    assert not backend.step_plan(build_lora_batch_info([], [], device=triton_device)).active
+    for info in (build_lora_batch_info([-1, -1], [3, 9], device=triton_device), build_lora_batch_info([], [], device=triton_device)):
+        backend.prepare(info)
+        assert not backend.step_plan(info).active
 
 
 def test_all_base_step_launches_nothing(triton_device, monkeypatch):
@@ -65,7 +74,9 @@ def test_all_base_step_launches_nothing(triton_device, monkeypatch):
         monkeypatch.setattr(triton_backend, name, fail)
     case = Case(segment_layout("all_base", 8), 200, [40], [8], torch.float32, triton_device)
     before = case.y.clone()
-    TritonLoraBackend().add_lora(case.y, case.x, case.slices, case.info)
+    backend = TritonLoraBackend()
+    backend.prepare(case.info)
+    backend.add_lora(case.y, case.x, case.slices, case.info)
     assert torch.equal(case.y, before)
 
 
@@ -127,12 +138,11 @@ class _RecordingBackend(TritonLoraBackend):
         super().__init__()
         self.paths: list[str] = []
 
-    def step_plan(self, info):
-        new = info is not self._planned_info
-        plan = super().step_plan(info)
-        if new and plan.active:
+    def prepare(self, info):
+        super().prepare(info)
+        plan = self.step_plan(info)
+        if plan.active:
             self.paths.append("bgmv" if plan.use_bgmv else "sgmv")
-        return plan
 
 
 def test_runner_forward_matches_torch_backend(tmp_path, triton_device):

@@ -1,6 +1,8 @@
-"""Our forward against transformers (+ peft) on tiny random Llama-family models."""
+"""Our forward against transformers (+ peft) on tiny random models of every family."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from loramux.scheduler.sampling_params import SamplingParams
 from loramux.server.models.loader import load_model
 from loramux.server.runner.model_runner import ModelRunner
 from tests.peft_adapters import AdapterRecipe, make_peft_adapter
-from tests.tiny_models import generate_static, save_tiny_model
+from tests.tiny_models import FAMILY_KINDS, generate_static, save_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [40]]
 NUM_STEPS = 6
@@ -27,7 +29,7 @@ def reference_logits(hf_model, tokens: list[int], num_prompt: int) -> torch.Tens
     return out[num_prompt - 1 : len(tokens) - 1]
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-tied", "llama-bias", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama-tied", "llama-bias", "mistral", *FAMILY_KINDS])
 def test_base_forward_matches_transformers(tmp_path, kind):
     hf = save_tiny_model(tmp_path, kind)
     model = load_model(tmp_path, select_backend(torch.device("cpu"), torch.float32, name="torch"))
@@ -63,16 +65,36 @@ RECIPES = [
 ]
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
-def test_mixed_adapter_batch_matches_peft(tmp_path, backend_name):
+def family_recipes(kind: str) -> list[AdapterRecipe]:
+    """RECIPES in the module names of the family's checkpoint (Phi-3 packs q/k/v and gate/up)."""
+    if kind != "phi3":
+        return RECIPES
+    packed = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+    def rename(targets):
+        if isinstance(targets, str):
+            return targets.replace("k_proj", "qkv_proj")
+        return sorted({packed.get(t, t) for t in targets})
+
+    return [
+        dataclasses.replace(r, target_modules=rename(r.target_modules)) if r.target_modules != "all-linear" else r
+        for r in RECIPES
+    ]
+
+
+@pytest.mark.parametrize(
+    "kind,backend_name", [("llama", "cpu"), *((kind, "torch") for kind in FAMILY_KINDS)]
+)
+def test_mixed_adapter_batch_matches_peft(tmp_path, kind, backend_name):
     """Adapters of different ranks and target sets plus base requests share one batch."""
-    hf = save_tiny_model(tmp_path / "base", "llama")
-    adapter_dirs = [make_peft_adapter(hf, recipe, tmp_path / "adapters") for recipe in RECIPES]
+    hf = save_tiny_model(tmp_path / "base", kind)
+    recipes = family_recipes(kind)
+    adapter_dirs = [make_peft_adapter(hf, recipe, tmp_path / "adapters") for recipe in recipes]
     backend = select_backend(torch.device("cpu"), torch.float32, tmp_path / "kcache", backend_name)
-    model = load_model(tmp_path / "base", backend, max_lora_slots=len(RECIPES) + 1, max_lora_rank=16)
+    model = load_model(tmp_path / "base", backend, max_lora_slots=len(recipes) + 1, max_lora_rank=16)
     spec = model.spec.base_model_spec()
     slots = {}
-    for slot, (recipe, directory) in enumerate(zip(RECIPES, adapter_dirs), start=1):
+    for slot, (recipe, directory) in enumerate(zip(recipes, adapter_dirs), start=1):
         adapter = load_adapter(recipe.name, directory, spec, max_rank=16)
         write_adapter_to_slot(model.lora_buffers(), slot, adapter)
         slots[recipe.name] = slot
@@ -91,8 +113,8 @@ def test_mixed_adapter_batch_matches_peft(tmp_path, backend_name):
     ]
     ours = generate_static(runner, requests, NUM_STEPS)
 
-    peft = PeftModel.from_pretrained(hf, adapter_dirs[0], adapter_name=RECIPES[0].name)
-    for recipe, directory in zip(RECIPES[1:], adapter_dirs[1:]):
+    peft = PeftModel.from_pretrained(hf, adapter_dirs[0], adapter_name=recipes[0].name)
+    for recipe, directory in zip(recipes[1:], adapter_dirs[1:]):
         peft.load_adapter(directory, adapter_name=recipe.name)
     peft.eval()
     base_outputs = {}
@@ -110,4 +132,4 @@ def test_mixed_adapter_batch_matches_peft(tmp_path, backend_name):
     changed = [
         r.request_id for r in requests if r.adapter_id and r.output_token_ids != base_outputs[tuple(r.prompt_token_ids)]
     ]
-    assert len(changed) >= len(RECIPES)
+    assert len(changed) >= len(recipes)

@@ -1,0 +1,1 @@
+"""Attention over the paged KV cache: one protocol, chosen once at start-up (see backend.py)."""

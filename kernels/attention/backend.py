@@ -1,0 +1,64 @@
+"""The attention seam: every layer makes one call; who serves it is chosen once.
+
+Per step the runner asks the backend for its metadata once (`build_metadata`, from host
+lists, one host-to-device copy); every layer then calls `forward` with it and its own
+`AttentionLayer` parameters (scale, sliding window, soft-capping). CPU and CUDA paged
+decode kernels slot in as further backends; no layer branches on the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """What differs between the attention calls of a model's layers."""
+
+    scale: float  # multiplies q @ k.T (head_dim ** -0.5, or Gemma's query_pre_attn_scalar ** -0.5)
+    # Sliding window: query position i sees key positions j with i - window < j <= i
+    # (transformers' sliding_window_overlay); None = full causal attention.
+    window: int | None = None
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def build_metadata(
+        self,
+        seq_starts: Sequence[int],  # per sequence: position of its first token in this step
+        seq_num_tokens: Sequence[int],  # per sequence: tokens in this step (rows in batch order)
+        seq_block_ids: Sequence[Sequence[int]],  # per sequence: its KV blocks
+        block_size: int,
+        windows: Sequence[int],  # the sliding windows the model's layers use
+        device: torch.device,
+    ) -> Any:
+        """The step's metadata, built once and read by every layer."""
+        ...
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim], rotary applied
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], rotary applied
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        meta: Any,
+        layer: AttentionLayer,
+    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        """Write k, v into the cache at the step's slots, then attend over each sequence's context."""
+        ...
+
+
+def select_attention_backend(device: torch.device, name: str = "auto") -> AttentionBackend:
+    """Pick the attention backend once. Today the torch one serves every device."""
+    if name in ("auto", "torch"):
+        from loramux.kernels.attention.torch_paged import TorchPagedAttention
+
+        return TorchPagedAttention()
+    raise ValueError(f"unknown attention backend {name!r}: expected auto or torch")
