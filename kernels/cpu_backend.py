@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 # Segments with at least this many tokens go to torch (BLAS beats the fused kernel there).
 LONG_SEGMENT_TOKENS = 16
+# In bf16, torch's small matmuls cost ~35 us each whatever their size, and the C kernel
+# stays ahead up to ~32-48 rows (bench/bench_lora_bf16.py, one_segment).
+LONG_SEGMENT_TOKENS_BY_DTYPE = {torch.float32: LONG_SEGMENT_TOKENS, torch.bfloat16: 48}
 MAX_SLICES = 8  # matches the C kernel's slice table
 # dtype -> (C source in kernels/cpu/, entry point); the kernels share one signature.
 KERNELS = {torch.float32: ("sgmv", "lora_sgmv_f32"), torch.bfloat16: ("sgmv_bf16", "lora_sgmv_bf16")}
@@ -47,14 +50,14 @@ class _SegmentPlan:
     short_scale: torch.Tensor  # float32 [num_short]
 
 
-def _plan_segments(info: LoraBatchInfo) -> _SegmentPlan:
+def _plan_segments(info: LoraBatchInfo, long_tokens: int = LONG_SEGMENT_TOKENS) -> _SegmentPlan:
     long_segments, short = [], []
     indptr = info.seg_indptr_host
     for i, slot in enumerate(info.slot_indices_host):
         length = indptr[i + 1] - indptr[i]
         if slot == NO_ADAPTER or length == 0:
             continue
-        (long_segments if length >= LONG_SEGMENT_TOKENS else short).append(i)
+        (long_segments if length >= long_tokens else short).append(i)
     return _SegmentPlan(
         long_segments=tuple(long_segments),
         num_short=len(short),
@@ -73,6 +76,7 @@ class CpuLoraBackend:
     ) -> None:
         self.dtype = dtype
         self._kernel = getattr(library, KERNELS[dtype][1])
+        self.long_segment_tokens = LONG_SEGMENT_TOKENS_BY_DTYPE[dtype]  # from here on, torch
         self._kernel.restype = None
         self._kernel.argtypes = [_P, _I64, _P, _I64, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I]
         self._num_threads = num_threads
@@ -94,7 +98,7 @@ class CpuLoraBackend:
 
     def _segment_plan(self, info: LoraBatchInfo) -> _SegmentPlan:
         if info is not self._planned_info:  # one plan per step, reused by every layer
-            self._plan = _plan_segments(info)
+            self._plan = _plan_segments(info, self.long_segment_tokens)
             self._planned_info = info
         assert self._plan is not None
         return self._plan

@@ -14,7 +14,7 @@ import torch
 
 from loramux.kernels.backend import select_backend
 from loramux.kernels.buffers import LoraModuleBuffers
-from loramux.kernels.cpu_backend import LONG_SEGMENT_TOKENS, CpuLoraBackend
+from loramux.kernels.cpu_backend import LONG_SEGMENT_TOKENS_BY_DTYPE, CpuLoraBackend
 from loramux.kernels.cpu_build import load_kernel_library
 from loramux.kernels.metadata import build_lora_batch_info
 from loramux.kernels.reference import add_lora_per_token, add_lora_reference
@@ -108,7 +108,7 @@ def test_native_build_uses_avx512_bf16_where_present(kernel_cache):
 @pytest.mark.parametrize("max_rank", RANKS)
 def test_backend_matches_reference_per_dtype(backend, layout, max_rank):
     dtype, chosen = backend
-    num_tokens = 2 * LONG_SEGMENT_TOKENS + 5  # long and short segments both occur
+    num_tokens = 2 * LONG_SEGMENT_TOKENS_BY_DTYPE[dtype] + 5  # long and short segments both occur
     info, slices, x, y = make_case(layout, num_tokens, 200, [576], max_rank, dtype)
     expected = expected_fp32(y, x, slices, info)
     chosen.add_lora(y, x, slices, info)
@@ -124,7 +124,7 @@ def test_bf16_kernel_rounds_once(bf16_kernel, in_features, widths, layout):
     """Short segments through the C kernel: the fp32 result rounded once to bf16, up to the
     summation order (one bf16 ulp of the result, plus fp32 noise)."""
     info, slices, x, y = make_case(layout, 12, in_features, widths, 16, torch.bfloat16, seed=3)
-    assert info.max_seg_len < LONG_SEGMENT_TOKENS  # every segment takes the C kernel
+    assert info.max_seg_len < bf16_kernel.long_segment_tokens  # every segment takes the C kernel
     expected = expected_fp32(y, x, slices, info)
     bf16_kernel.add_lora(y, x, slices, info)
     ulp = torch.finfo(torch.bfloat16).eps * expected.abs()  # 2^-7 relative: one ulp at most
@@ -133,7 +133,8 @@ def test_bf16_kernel_rounds_once(bf16_kernel, in_features, widths, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bf16_kernel_layouts(bf16_kernel, layout):
-    info, slices, x, y = make_case(layout, LONG_SEGMENT_TOKENS - 1, 576, [576, 192], 32, torch.bfloat16, seed=5)
+    num_tokens = bf16_kernel.long_segment_tokens - 1  # the C kernel only
+    info, slices, x, y = make_case(layout, num_tokens, 576, [576, 192], 32, torch.bfloat16, seed=5)
     expected = expected_fp32(y, x, slices, info)
     bf16_kernel.add_lora(y, x, slices, info)
     torch.testing.assert_close(y.float(), expected, **TOLERANCE[torch.bfloat16])
