@@ -15,6 +15,7 @@ from transformers.activations import ACT2FN
 
 from loramux.kernels.backend import LoraBackend
 from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.logits import lm_head_logits
 from loramux.kernels.metadata import LoraBatchInfo
 from loramux.server.models.spec import ModelSpec
 from loramux.server.runner.attention import AttentionMetadata, paged_attention
@@ -158,7 +159,7 @@ class LlamaModel:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] final-normed rows -> fp32 logits [n, vocab]."""
-        return F.linear(hidden, self.weights.lm_head).float()
+        return lm_head_logits(hidden, self.weights.lm_head)  # bf16: its top candidates exact
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
