@@ -8,7 +8,7 @@ export LORAMUX_HOME ?= $(HOME)/.cache/loramux
 MODEL_DIR := $(LORAMUX_HOME)/models/smollm2-135m-instruct
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install model serve test test-slow test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak bench-prefix clean
+.PHONY: install model serve test test-slow test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak bench-prefix bench-lora-bf16 eval clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,15 @@ bench-soak: install model
 # Prefix caching on and off: 8 adapters with 400-token system prompts, 64 clients x 4 turns.
 bench-prefix: install model
 	$(BIN)/python -m bench.bench_prefix
+
+# The CPU LoRA path at decode shapes in bf16 and fp32 (C kernels, torch): the fastest here.
+bench-lora-bf16: install
+	$(BIN)/python -m bench.bench_lora_bf16
+
+# bf16 accuracy against fp32 on held-out text (bench/eval_data), base and demo adapters;
+# last line: eval: max_ppl_increase_pct=X min_top1_agreement=Y
+eval: install model
+	$(BIN)/python -m bench.eval_bf16
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

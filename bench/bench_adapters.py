@@ -272,7 +272,8 @@ def make_resident(parts: EngineParts, names: list[str]) -> None:
 
 def engine_config(model_dir: Path, root: Path, slots: int, cpu_cache_bytes: int) -> LoramuxConfig:
     return LoramuxConfig(
-        model=ModelConfig(model_dir=model_dir, served_model_name="base", max_model_len=1024, num_threads=2),
+        model=ModelConfig(model_dir=model_dir, served_model_name="base", max_model_len=1024, num_threads=2,
+                          dtype="float32"),
         lora=LoraSlotsConfig(max_loras=slots, max_lora_rank=RANK),
         cache=CacheConfig(kv_cache_bytes=512 << 20),
         adapters=AdapterStoreConfig(adapter_dirs=(root,), cpu_cache_bytes=cpu_cache_bytes),

@@ -35,7 +35,7 @@ from loramux.server.offline import OfflineEngine, OfflineRequest
 
 NUM_CLIENTS, NUM_ADAPTERS, NEW_TOKENS = 32, 8, 64
 SERVER_ARGS = ["--max-loras", "8", "--max-lora-rank", "16", "--max-num-seqs", "64", "--kv-cache-bytes", "1G",
-               "--max-model-len", "1024", "--threads", "2", "--log-level", "warning"]
+               "--max-model-len", "1024", "--threads", "2", "--log-level", "warning", "--dtype", "float32"]
 
 
 @dataclass

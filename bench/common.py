@@ -86,7 +86,8 @@ def bench_engine_parts(model_dir: Path, adapter_dir: Path, max_loras: int, max_l
     from loramux.server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig, SchedulingConfig
 
     return build_engine(LoramuxConfig(
-        model=ModelConfig(model_dir=model_dir, served_model_name="base", max_model_len=1024, num_threads=2),
+        model=ModelConfig(model_dir=model_dir, served_model_name="base", max_model_len=1024, num_threads=2,
+                          dtype="float32"),
         lora=LoraSlotsConfig(max_loras=max_loras, max_lora_rank=max_lora_rank),
         cache=CacheConfig(kv_cache_bytes=kv_cache_bytes),
         scheduling=SchedulingConfig(max_num_seqs=max_num_seqs),

@@ -234,6 +234,7 @@ def _params(params: dict[str, Any]) -> dict[str, Any]:
 def _generate_result(text: str, details: dict | None, request_id: str | None) -> GenerateResult:
     d = details or {}
     tokens = d.get("tokens")
+    prefill = d.get("prefill")
     return GenerateResult(
         text=text,
         finish_reason=d.get("finish_reason"),
@@ -242,6 +243,7 @@ def _generate_result(text: str, details: dict | None, request_id: str | None) ->
         tokens=tuple(Token.from_json(t) for t in tokens) if tokens else None,
         request_id=request_id,
         seed=d.get("seed"),
+        prefill=tuple(Token.from_json(t) for t in prefill) if prefill else None,
     )
 
 

@@ -34,6 +34,9 @@ class GenerateResult:
     tokens: tuple[Token, ...] | None = None  # None when the server sent no per-token details
     request_id: str | None = None
     seed: int | None = None
+    # decoder_input_details=True: every prompt token with the logprob of it given the ones
+    # before (None for the first); None when the server sent none.
+    prefill: tuple[Token, ...] | None = None
 
 
 @dataclass(frozen=True)

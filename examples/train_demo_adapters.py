@@ -234,7 +234,8 @@ def build_generator(model_dir: Path, threads: int):
     from loramux.server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig, SchedulingConfig
 
     config = LoramuxConfig(
-        model=ModelConfig(model_dir=model_dir, served_model_name="base", max_model_len=512, num_threads=threads),
+        model=ModelConfig(model_dir=model_dir, served_model_name="base", max_model_len=512, num_threads=threads,
+                          dtype="float32"),
         lora=LoraSlotsConfig(max_loras=1, max_lora_rank=8),
         # 128 context prompts of ~230 tokens at once need ~1.4 GB of KV cache; less would
         # preempt and recompute.

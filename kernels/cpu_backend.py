@@ -1,8 +1,10 @@
 """The CPU LoRA backend: a fused C kernel for short segments, torch matmuls for long ones.
 
-Decode steps (a few tokens per adapter) go through `lora_sgmv_f32` in kernels/cpu/sgmv.c:
-one call per projection slice, each adapter's weights streamed once. Long segments
-(prefill) go through torch, whose BLAS is at its best on tall matmuls.
+Decode steps (a few tokens per adapter) go through `lora_sgmv_f32` in kernels/cpu/sgmv.c
+(fp32) or `lora_sgmv_bf16` in kernels/cpu/sgmv_bf16.c (bf16, fp32 accumulation; built
+with AVX512-BF16 dot products where the CPU has them): one call per projection slice,
+each adapter's weights streamed once. Long segments (prefill) go through torch, whose
+BLAS (oneDNN with AMX tiles for bf16, where present) is at its best on tall matmuls.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ logger = logging.getLogger(__name__)
 
 # Segments with at least this many tokens go to torch (BLAS beats the fused kernel there).
 LONG_SEGMENT_TOKENS = 16
+# In bf16, torch's small matmuls cost ~35 us each whatever their size, and the C kernel
+# stays ahead up to ~32-48 rows (bench/bench_lora_bf16.py, one_segment).
+LONG_SEGMENT_TOKENS_BY_DTYPE = {torch.float32: LONG_SEGMENT_TOKENS, torch.bfloat16: 48}
 MAX_SLICES = 8  # matches the C kernel's slice table
+# dtype -> (C source in kernels/cpu/, entry point); the kernels share one signature.
+KERNELS = {torch.float32: ("sgmv", "lora_sgmv_f32"), torch.bfloat16: ("sgmv_bf16", "lora_sgmv_bf16")}
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -43,14 +50,14 @@ class _SegmentPlan:
     short_scale: torch.Tensor  # float32 [num_short]
 
 
-def _plan_segments(info: LoraBatchInfo) -> _SegmentPlan:
+def _plan_segments(info: LoraBatchInfo, long_tokens: int = LONG_SEGMENT_TOKENS) -> _SegmentPlan:
     long_segments, short = [], []
     indptr = info.seg_indptr_host
     for i, slot in enumerate(info.slot_indices_host):
         length = indptr[i + 1] - indptr[i]
         if slot == NO_ADAPTER or length == 0:
             continue
-        (long_segments if length >= LONG_SEGMENT_TOKENS else short).append(i)
+        (long_segments if length >= long_tokens else short).append(i)
     return _SegmentPlan(
         long_segments=tuple(long_segments),
         num_short=len(short),
@@ -64,8 +71,12 @@ def _plan_segments(info: LoraBatchInfo) -> _SegmentPlan:
 class CpuLoraBackend:
     name = "cpu"
 
-    def __init__(self, library: ctypes.CDLL, num_threads: int | None = None) -> None:
-        self._kernel = library.lora_sgmv_f32
+    def __init__(
+        self, library: ctypes.CDLL, num_threads: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.dtype = dtype
+        self._kernel = getattr(library, KERNELS[dtype][1])
+        self.long_segment_tokens = LONG_SEGMENT_TOKENS_BY_DTYPE[dtype]  # from here on, torch
         self._kernel.restype = None
         self._kernel.argtypes = [_P, _I64, _P, _I64, _I, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I]
         self._num_threads = num_threads
@@ -75,25 +86,25 @@ class CpuLoraBackend:
 
     @classmethod
     def create(cls, dtype: torch.dtype, cache_dir: Path | None = None):
-        """The fused kernel serves fp32; other dtypes, or a machine with no C compiler, get
-        the torch backend (correct, slower at decode)."""
-        if dtype != torch.float32:
+        """The fused kernels serve fp32 and bf16; other dtypes, or a machine with no C
+        compiler, get the torch backend (correct, slower at decode)."""
+        if dtype not in KERNELS:
             return TorchLoraBackend()
         try:
-            return cls(load_kernel_library("sgmv", cache_dir))
+            return cls(load_kernel_library(KERNELS[dtype][0], cache_dir), dtype=dtype)
         except KernelBuildError as exc:
             logger.warning("CPU LoRA kernel unavailable, using the torch backend: %s", exc)
             return TorchLoraBackend()
 
     def prepare(self, info: LoraBatchInfo) -> None:
         """Split the step's segments between the two paths (once per step)."""
-        self._plan = _plan_segments(info)
+        self._plan = _plan_segments(info, self.long_segment_tokens)
         self._prepared = info
 
     def add_lora(
         self,
-        y: torch.Tensor,  # [num_tokens, sum of slice widths] fp32, rows contiguous
-        x: torch.Tensor,  # [num_tokens, in_features] fp32, rows contiguous
+        y: torch.Tensor,  # [num_tokens, sum of slice widths] self.dtype, rows contiguous
+        x: torch.Tensor,  # [num_tokens, in_features] self.dtype, rows contiguous
         slices: Sequence[LoraModuleBuffers],
         info: LoraBatchInfo,
     ) -> None:
@@ -104,8 +115,8 @@ class CpuLoraBackend:
             add_lora_segments(y, x, slices, info, plan.long_segments)
         if not plan.num_short:
             return
-        if y.dtype != torch.float32 or x.dtype != torch.float32 or y.stride(1) != 1 or x.stride(1) != 1:
-            raise ValueError("the CPU LoRA kernel needs fp32 tensors with contiguous rows")
+        if y.dtype != self.dtype or x.dtype != self.dtype or y.stride(1) != 1 or x.stride(1) != 1:
+            raise ValueError(f"the CPU LoRA kernel needs {self.dtype} tensors with contiguous rows")
         table = self._slice_table(slices)
         self._kernel(
             y.data_ptr(),
@@ -132,7 +143,7 @@ class CpuLoraBackend:
         # The model passes the same slice tuples every step: build their pointer arrays once.
         table = self._slice_tables.get(id(slices))
         if table is None or table.slices is not slices:
-            table = _SliceTable.build(slices)
+            table = _SliceTable.build(slices, self.dtype)
             self._slice_tables[id(slices)] = table
         return table
 
@@ -150,14 +161,15 @@ class _SliceTable:
     max_rank: int
 
     @classmethod
-    def build(cls, slices: Sequence[LoraModuleBuffers]) -> "_SliceTable":
+    def build(cls, slices: Sequence[LoraModuleBuffers], dtype: torch.dtype) -> "_SliceTable":
         if len(slices) > MAX_SLICES:
             raise ValueError(f"the CPU kernel takes at most {MAX_SLICES} slices per call")
         if len({b.max_rank for b in slices}) != 1 or len({b.in_features for b in slices}) != 1:
             raise ValueError("fused slices must share max_rank and in_features")
         for b in slices:
-            if b.lora_a.dtype != torch.float32 or not (b.lora_a.is_contiguous() and b.lora_b.is_contiguous()):
-                raise ValueError("the CPU kernel needs contiguous fp32 LoRA buffers")
+            contiguous = b.lora_a.is_contiguous() and b.lora_b.is_contiguous()
+            if b.lora_a.dtype != dtype or b.lora_b.dtype != dtype or not contiguous:
+                raise ValueError(f"the CPU kernel needs contiguous {dtype} LoRA buffers")
         offsets, offset = [], 0
         for b in slices:
             offsets.append(offset)

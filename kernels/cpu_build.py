@@ -40,15 +40,21 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{flags}"
 
 
-def load_kernel_library(source_name: str, cache_dir: Path | None = None) -> ctypes.CDLL:
-    """Build (if needed) and load kernels/cpu/<source_name>.c as a shared library."""
+def load_kernel_library(
+    source_name: str, cache_dir: Path | None = None, extra_cflags: tuple[str, ...] = ()
+) -> ctypes.CDLL:
+    """Build (if needed) and load kernels/cpu/<source_name>.c as a shared library.
+
+    `extra_cflags` (e.g. "-mno-avx512bf16") builds another variant beside the native one:
+    tests and benchmarks use it to run the fallback paths of machines without a feature."""
     import torch  # noqa: F401  (loads torch's OpenMP runtime first; the kernel shares it)
 
     source = SOURCE_DIR / f"{source_name}.c"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
-    digest.update(" ".join(CFLAGS).encode())
+    flags = [*CFLAGS, *extra_cflags]
+    digest.update(" ".join(flags).encode())
     digest.update(_cpu_signature().encode())
     cache = cache_dir or default_cache_dir()
     target = cache / f"{source_name}-{digest.hexdigest()[:16]}.so"
@@ -61,7 +67,7 @@ def load_kernel_library(source_name: str, cache_dir: Path | None = None) -> ctyp
         os.close(fd)
         try:
             result = subprocess.run(
-                [compiler, *CFLAGS, str(source), "-o", tmp], capture_output=True, text=True
+                [compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True
             )
             if result.returncode != 0:
                 raise KernelBuildError(f"{compiler} failed on {source.name}:\n{result.stderr}")

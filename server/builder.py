@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
@@ -57,6 +57,8 @@ def build_engine(config: LoramuxConfig, on_adapter_load=None, adapter_load_fn: L
     """on_adapter_load: the store's hook for every finished adapter load (metrics).
     adapter_load_fn: replaces the store's disk read (format.load_adapter); tests slow loads with it."""
     started = time.perf_counter()
+    if config.model.dtype == "auto":  # decided once, here; the parts carry the resolved dtype
+        config = replace(config, model=config.model.resolved())
     mc = config.model
     device = torch.device(mc.device)
     dtype = mc.torch_dtype

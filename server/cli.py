@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     from loramux.clients.cli import add_client_commands  # httpx only: these commands never load torch
 
     add_client_commands(commands)
+
+    from loramux.server.eval import add_eval_command  # a client command too: no torch
+
+    add_eval_command(commands)
     return parser
 
 

@@ -7,7 +7,7 @@ environment at import time.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,10 @@ class ModelConfig:
     model_dir: Path
     # The id clients use for the base model (OpenAI `model`, /info's model_id).
     served_model_name: str
-    dtype: str = "float32"  # fp32 on CPU: bf16 is neither faster nor batch-invariant there
+    # auto: bf16 on CUDA; on a CPU, bf16 where it runs bf16 GEMMs faster than fp32 (native
+    # bf16 and a start-up probe, server/dtype_choice.py), else fp32. bf16 is not
+    # batch-invariant: exact-match tests ask for float32.
+    dtype: str = "auto"
     device: str = "cpu"
     max_model_len: int | None = None  # None: the model's own context length
     lora_backend: str = "auto"  # auto | cpu | torch | triton
@@ -43,12 +46,23 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
-        _check(self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}")
+        _check(self.dtype == "auto" or self.dtype in DTYPES, f"dtype must be auto or one of {sorted(DTYPES)}")
         _check(self.lora_backend in ("auto", "cpu", "torch", "triton"), "unknown lora_backend")
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The dtype to serve in; 'auto' must have been resolved first (`resolved()`)."""
+        if self.dtype == "auto":
+            raise ConfigError("dtype 'auto' is resolved at start-up: call ModelConfig.resolved() first")
         return DTYPES[self.dtype]
+
+    def resolved(self) -> ModelConfig:
+        """This config with dtype 'auto' replaced by the machine's choice (probed, logged)."""
+        if self.dtype != "auto":
+            return self
+        from loramux.server.dtype_choice import resolve_dtype
+
+        return replace(self, dtype=resolve_dtype(self.dtype, self.device))
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="HF-format checkpoint directory (default: the fetched SmolLM2-135M-Instruct)")
     g.add_argument("--served-model-name", help="the base model's id in the API (default: the directory name)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto (default): bf16 on CUDA and on CPUs that run bf16 faster than fp32, else float32",
+    )
     g.add_argument("--device", default="cpu")
     g.add_argument("--max-model-len", type=int)
     g.add_argument("--lora-backend", default="auto", choices=["auto", "cpu", "torch", "triton"])

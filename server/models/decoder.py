@@ -16,6 +16,7 @@ from transformers.activations import ACT2FN
 from loramux.kernels.attention.backend import AttentionBackend, AttentionLayer
 from loramux.kernels.backend import LoraBackend
 from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.logits import lm_head_logits
 from loramux.server.models.layers import lora_linear, rms_norm, rotate
 from loramux.server.models.protocol import ForwardBatch
 from loramux.server.models.spec import ModelSpec
@@ -167,7 +168,7 @@ class DecoderModel:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] final-normed rows -> fp32 logits [n, vocab]."""
-        logits = F.linear(hidden, self.weights.lm_head).float()
+        logits = lm_head_logits(hidden, self.weights.lm_head)  # bf16: its top candidates exact
         cap = self.spec.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

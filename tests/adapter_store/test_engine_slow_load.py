@@ -75,7 +75,7 @@ def engine(tiny_files):
     model_dir, adapter_dir = tiny_files
     loader = HeldLoader(SLOW)
     config = LoramuxConfig(
-        model=ModelConfig(model_dir=model_dir, served_model_name="tiny", max_model_len=512),
+        model=ModelConfig(model_dir=model_dir, served_model_name="tiny", max_model_len=512, dtype="float32"),
         lora=LoraSlotsConfig(max_loras=2, max_lora_rank=8),
         cache=CacheConfig(kv_cache_bytes=16 << 20),
         adapters=AdapterStoreConfig(adapter_dirs=(adapter_dir,)),

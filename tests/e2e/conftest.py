@@ -83,7 +83,8 @@ def start_server(args: list[str], log_path: Path, api_key: str | None = None,
     env = {**os.environ, "LORAMUX_HOME": str(log_path.parent / "home"), "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(log_path, "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--dtype", "float32", *args],  # fp32: compared exactly with the fp32 reference (args may override)
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()
@@ -209,7 +210,8 @@ class Reference:
 def build_reference(model: Path, adapter_dirs: tuple[Path, ...], name: str,
                     kv_cache_bytes: int = 32 << 20) -> Reference:
     config = LoramuxConfig(
-        model=ModelConfig(model_dir=model, served_model_name=name, max_model_len=MAX_MODEL_LEN, num_threads=2),
+        model=ModelConfig(model_dir=model, served_model_name=name, max_model_len=MAX_MODEL_LEN, num_threads=2,
+                          dtype="float32"),
         lora=LoraSlotsConfig(max_loras=MAX_LORAS, max_lora_rank=MAX_LORA_RANK),
         cache=CacheConfig(kv_cache_bytes=kv_cache_bytes),
         adapters=AdapterStoreConfig(adapter_dirs=adapter_dirs),

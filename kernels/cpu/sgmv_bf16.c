@@ -1,0 +1,289 @@
+/* Segmented gather matmul for LoRA on the CPU, bf16 activations and slot buffers, fp32
+ * accumulation (the decode-heavy path of a bf16 model).
+ *
+ * Semantics, for each listed segment i (slot w = seg_slot[i]) and each output slice k
+ * (columns out_offsets[k] .. + out_widths[k] of y), with r = ranks_k[w]:
+ *   y[seg_start[i]:seg_end[i], slice k] += seg_scale[i] * (x[rows] @ A_k[w, :r].T) @ B_k[w, :r]
+ * x, y, A_k [max_slots, max_rank, in_f] and B_k [max_slots, max_rank, out_widths[k]] are
+ * bf16 (raw uint16 bits); the shrink result h and each token's delta are fp32, and y is
+ * rounded to bf16 once per element (y + delta), not once per rank row.
+ *
+ * Two builds of the same loops, chosen by the compiler flags (-march=native):
+ * - with AVX512-BF16, the shrink uses VDPBF16PS (32 bf16 products per instruction into 16
+ *   fp32 lanes) and rounding uses VCVTNEPS2BF16;
+ * - without it, bf16 is widened to fp32 by a 16-bit shift (exact) and gcc vectorizes the
+ *   fp32 loops; rounding is round-to-nearest-even in integer code.
+ * AMX tiles are not used here: a decode segment has a few rows, far below a tile's 16, and
+ * the step is bound by reading the slot buffers; long segments (prefill) go to torch, whose
+ * oneDNN matmuls use AMX where present (kernels/cpu_backend.py).
+ *
+ * Parallelism and determinism as in sgmv.c: threads split the (slice, segment, rank row)
+ * items of the shrink evenly, meet at one barrier, then each owns a range of output
+ * columns for the expand. Every output element sees the same operations in the same
+ * order, whatever the rest of the batch or the thread count.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAVE_DPBF16 1
+#else
+#define HAVE_DPBF16 0
+#endif
+
+#define LANES 16
+#define MAX_SLICES 8
+
+typedef uint16_t bf16;
+
+typedef struct {
+    const bf16 *a;        /* [max_slots, max_rank, in_f] */
+    const bf16 *b;        /* [max_slots, max_rank, out] */
+    const int32_t *ranks; /* [max_slots] */
+    int out_offset, out;
+} Slice;
+
+static inline float bf16_to_f32(bf16 v)
+{
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline bf16 f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
+    return (bf16)(u >> 16);
+}
+
+/* 1 if this build uses AVX512-BF16 instructions (for the backend's log line and tests). */
+int lora_sgmv_bf16_uses_dpbf16(void) { return HAVE_DPBF16; }
+
+#if HAVE_DPBF16
+static inline __m512bh load_bh(const bf16 *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
+static inline __m512bh load_bh_tail(const bf16 *p, int n)
+{
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), (const void *)p);
+}
+static inline __m512 load_bf16_as_f32(const bf16 *p)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m512 load_bf16_as_f32_tail(const bf16 *p, int n)
+{
+    const __m256i v = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), (const void *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#endif
+
+/* out[q] = A[q] . x for four rows A[0..3] of length n, in a fixed order (32-element
+ * chunks into 16 fp32 lanes, lanes summed in order, then the tail). */
+static inline void dot4(const bf16 *restrict a0, const bf16 *restrict a1, const bf16 *restrict a2,
+                        const bf16 *restrict a3, const bf16 *restrict x, int n, float out[4])
+{
+#if HAVE_DPBF16
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+    int k = 0;
+    for (; k + 32 <= n; k += 32) {
+        const __m512bh xv = load_bh(x + k);
+        c0 = _mm512_dpbf16_ps(c0, load_bh(a0 + k), xv);
+        c1 = _mm512_dpbf16_ps(c1, load_bh(a1 + k), xv);
+        c2 = _mm512_dpbf16_ps(c2, load_bh(a2 + k), xv);
+        c3 = _mm512_dpbf16_ps(c3, load_bh(a3 + k), xv);
+    }
+    if (k < n) {
+        const int m = n - k;
+        const __m512bh xv = load_bh_tail(x + k, m);
+        c0 = _mm512_dpbf16_ps(c0, load_bh_tail(a0 + k, m), xv);
+        c1 = _mm512_dpbf16_ps(c1, load_bh_tail(a1 + k, m), xv);
+        c2 = _mm512_dpbf16_ps(c2, load_bh_tail(a2 + k, m), xv);
+        c3 = _mm512_dpbf16_ps(c3, load_bh_tail(a3 + k, m), xv);
+    }
+    out[0] = _mm512_reduce_add_ps(c0);
+    out[1] = _mm512_reduce_add_ps(c1);
+    out[2] = _mm512_reduce_add_ps(c2);
+    out[3] = _mm512_reduce_add_ps(c3);
+#else
+    float c[4][LANES] = {{0}};
+    int k = 0;
+    for (; k + LANES <= n; k += LANES)
+        for (int l = 0; l < LANES; l++) {
+            const float xv = bf16_to_f32(x[k + l]);
+            c[0][l] += bf16_to_f32(a0[k + l]) * xv;
+            c[1][l] += bf16_to_f32(a1[k + l]) * xv;
+            c[2][l] += bf16_to_f32(a2[k + l]) * xv;
+            c[3][l] += bf16_to_f32(a3[k + l]) * xv;
+        }
+    float s[4] = {0};
+    for (int q = 0; q < 4; q++)
+        for (int l = 0; l < LANES; l++) s[q] += c[q][l];
+    for (; k < n; k++) {
+        const float xv = bf16_to_f32(x[k]);
+        s[0] += bf16_to_f32(a0[k]) * xv;
+        s[1] += bf16_to_f32(a1[k]) * xv;
+        s[2] += bf16_to_f32(a2[k]) * xv;
+        s[3] += bf16_to_f32(a3[k]) * xv;
+    }
+    memcpy(out, s, sizeof s);
+#endif
+}
+
+/* h[t - t0, j] = scale * (x[t] . A[j]) for j in [j0, j1). A rows past j1 are never read:
+ * a remainder group of fewer than four rows repeats its last row (results dropped). */
+static void shrink_rows(float *restrict h, int max_rank, const bf16 *restrict x, int64_t x_stride,
+                        const bf16 *restrict a, int in_f, int t0, int t1, int j0, int j1, float scale)
+{
+    for (int j = j0; j < j1; j += 4) {
+        const int n = j1 - j < 4 ? j1 - j : 4;
+        const bf16 *r0 = a + (int64_t)j * in_f;
+        const bf16 *r1 = a + (int64_t)(j + (n > 1 ? 1 : 0)) * in_f;
+        const bf16 *r2 = a + (int64_t)(j + (n > 2 ? 2 : n - 1)) * in_f;
+        const bf16 *r3 = a + (int64_t)(j + n - 1) * in_f;
+        for (int t = t0; t < t1; t++) {
+            float d[4];
+            dot4(r0, r1, r2, r3, x + (int64_t)t * x_stride, in_f, d);
+            float *hr = h + (int64_t)(t - t0) * max_rank + j;
+            for (int q = 0; q < n; q++) hr[q] = d[q] * scale;
+        }
+    }
+}
+
+/* For each token t of a segment and each column c in [c0, c1):
+ *   y[t, c] = bf16(y[t, c] + sum_j h[t, j] * B[j, c])   (the sum in fp32, in order of j)
+ * Column blocks outside, tokens inside: a block of B (r rows x 32 columns) is read from
+ * memory once per segment and stays in L1 for the segment's other tokens. */
+static void expand_segment(bf16 *restrict y, int64_t y_stride, const float *restrict h, int max_rank,
+                           const bf16 *restrict b, int out, int r, int t0, int t1, int c0, int c1)
+{
+#if HAVE_DPBF16
+    int c = c0;
+    for (; c + 2 * LANES <= c1; c += 2 * LANES)
+        for (int t = t0; t < t1; t++) {
+            const float *hr = h + (int64_t)(t - t0) * max_rank;
+            bf16 *yr = y + (int64_t)t * y_stride + c;
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+            for (int j = 0; j < r; j++) {
+                const __m512 hv = _mm512_set1_ps(hr[j]);
+                const bf16 *br = b + (int64_t)j * out + c;
+                s0 = _mm512_fmadd_ps(hv, load_bf16_as_f32(br), s0);
+                s1 = _mm512_fmadd_ps(hv, load_bf16_as_f32(br + LANES), s1);
+            }
+            const __m512 y0 = _mm512_add_ps(load_bf16_as_f32(yr), s0);
+            const __m512 y1 = _mm512_add_ps(load_bf16_as_f32(yr + LANES), s1);
+            _mm512_storeu_si512((void *)yr, (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
+        }
+    for (; c < c1; c += LANES) {
+        const int m = c1 - c < LANES ? c1 - c : LANES;
+        for (int t = t0; t < t1; t++) {
+            const float *hr = h + (int64_t)(t - t0) * max_rank;
+            bf16 *yr = y + (int64_t)t * y_stride + c;
+            __m512 s0 = _mm512_setzero_ps();
+            for (int j = 0; j < r; j++)
+                s0 = _mm512_fmadd_ps(_mm512_set1_ps(hr[j]), load_bf16_as_f32_tail(b + (int64_t)j * out + c, m), s0);
+            const __m512 y0 = _mm512_add_ps(load_bf16_as_f32_tail(yr, m), s0);
+            _mm256_mask_storeu_epi16((void *)yr, (__mmask16)((1u << m) - 1), (__m256i)_mm512_cvtneps_pbh(y0));
+        }
+    }
+#else
+    enum { BLOCK = 64 };
+    for (int cb = c0; cb < c1; cb += BLOCK) {
+        const int n = c1 - cb < BLOCK ? c1 - cb : BLOCK;
+        for (int t = t0; t < t1; t++) {
+            const float *hr = h + (int64_t)(t - t0) * max_rank;
+            bf16 *yr = y + (int64_t)t * y_stride + cb;
+            float acc[BLOCK] = {0};
+            for (int j = 0; j < r; j++) {
+                const float hv = hr[j];
+                const bf16 *br = b + (int64_t)j * out + cb;
+                #pragma omp simd
+                for (int c = 0; c < n; c++) acc[c] += hv * bf16_to_f32(br[c]);
+            }
+            for (int c = 0; c < n; c++) yr[c] = f32_to_bf16(bf16_to_f32(yr[c]) + acc[c]);
+        }
+    }
+#endif
+}
+
+void lora_sgmv_bf16(bf16 *y, int64_t y_stride, const bf16 *x, int64_t x_stride, int in_f,
+                    const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *rank_ptrs,
+                    const int32_t *out_offsets, const int32_t *out_widths, int num_slices,
+                    int max_rank,
+                    const int32_t *seg_start, const int32_t *seg_end, const int32_t *seg_slot,
+                    const float *seg_scale, int num_segs, int num_threads)
+{
+    Slice slices[MAX_SLICES];
+    if (num_slices > MAX_SLICES || num_segs <= 0) return;
+    for (int k = 0; k < num_slices; k++) {
+        slices[k].a = (const bf16 *)(intptr_t)a_ptrs[k];
+        slices[k].b = (const bf16 *)(intptr_t)b_ptrs[k];
+        slices[k].ranks = (const int32_t *)(intptr_t)rank_ptrs[k];
+        slices[k].out_offset = out_offsets[k];
+        slices[k].out = out_widths[k];
+    }
+    int64_t *item_start = malloc(sizeof(int64_t) * (num_slices * num_segs + 1));
+    int64_t *h_row = malloc(sizeof(int64_t) * (num_segs + 1));
+    int total_cols = 0;
+    for (int k = 0; k < num_slices; k++) total_cols += slices[k].out;
+    int64_t items = 0, rows = 0;
+    for (int s = 0; s < num_segs; s++) {
+        h_row[s] = rows;
+        rows += seg_end[s] - seg_start[s];
+    }
+    h_row[num_segs] = rows;
+    for (int k = 0; k < num_slices; k++)
+        for (int s = 0; s < num_segs; s++) {
+            item_start[k * num_segs + s] = items;
+            items += slices[k].ranks[seg_slot[s]];
+        }
+    item_start[num_slices * num_segs] = items;
+    /* h (fp32) for slice k, segment s: rows h_row[s].., at offset k * rows * max_rank. */
+    float *h = malloc(sizeof(float) * (rows > 0 ? rows : 1) * max_rank * num_slices + 1);
+    if (!item_start || !h_row || !h) { free(item_start); free(h_row); free(h); return; }
+    #pragma omp parallel num_threads(num_threads)
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t g0 = items * tid / nt, g1 = items * (tid + 1) / nt;
+        int ks = 0;
+        while (g0 < g1 && item_start[ks + 1] <= g0) ks++;
+        for (int64_t g = g0; g < g1;) {
+            while (item_start[ks + 1] <= g) ks++;
+            const int k = ks / num_segs, s = ks % num_segs;
+            const int64_t j0 = g - item_start[ks];
+            const int64_t j1 = (item_start[ks + 1] < g1 ? item_start[ks + 1] : g1) - item_start[ks];
+            const int slot = seg_slot[s];
+            shrink_rows(h + ((int64_t)k * rows + h_row[s]) * max_rank, max_rank, x, x_stride,
+                        slices[k].a + (int64_t)slot * max_rank * in_f, in_f,
+                        seg_start[s], seg_end[s], (int)j0, (int)j1, seg_scale[s]);
+            g += j1 - j0;
+        }
+        #pragma omp barrier
+        /* Column ranges in units of 32 (one bf16 vector), so threads never share a store. */
+        const int unit = 2 * LANES;
+        const int units = (total_cols + unit - 1) / unit;
+        const int c_lo = units * tid / nt * unit, c_hi = units * (tid + 1) / nt * unit;
+        int base = 0;
+        for (int k = 0; k < num_slices; k++) {
+            const int out = slices[k].out;
+            const int c0 = c_lo - base > 0 ? c_lo - base : 0;
+            const int c1 = c_hi - base < out ? c_hi - base : out;
+            base += out;
+            if (c0 >= c1) continue;
+            for (int s = 0; s < num_segs; s++) {
+                const int slot = seg_slot[s], r = slices[k].ranks[slot];
+                if (r == 0) continue;
+                expand_segment(y + slices[k].out_offset, y_stride, h + ((int64_t)k * rows + h_row[s]) * max_rank,
+                               max_rank, slices[k].b + (int64_t)slot * max_rank * out, out, r,
+                               seg_start[s], seg_end[s], c0, c1);
+            }
+        }
+    }
+    free(item_start);
+    free(h_row);
+    free(h);
+}
