@@ -108,7 +108,7 @@ class SharedAdapterDir:
     def announce(self, name: str, url: str, server_pid: int, replica_pid: int) -> None:
         """Say where a replica's server listens (for monitoring, tests and benchmarks)."""
         line = json.dumps({"replica": name, "url": url, "pid": server_pid, "replica_pid": replica_pid})
-        tmp = self.replicas / f".{name}.tmp"
+        tmp = self.replicas / f".{_safe_name(name)}.tmp"
         tmp.write_text(line + "\n")
         os.replace(tmp, self.replicas / _safe_name(name))
 
