@@ -22,6 +22,8 @@ from loramux.ray_serve.routing import adapter_for_request, wants_stream
 ROUTINGS = ("affine", "round_robin")
 # Adapter management: done on one replica, published through the shared directory.
 ADMIN_PREFIXES = ("/v1/adapters",)
+# Every route that changes a server's adapters (vLLM's load/unload act on one replica).
+MANAGEMENT_PREFIXES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,15 @@ class AppOptions:
     replica: ReplicaOptions
     num_replicas: int = 2
     routing: str = "affine"  # affine | round_robin
-    max_adapters_per_replica: int = 64  # Serve's routing table per replica (LRU)
+    max_adapters_per_replica: int = 256  # Serve's routing table per replica (LRU)
     max_ongoing_requests: int = 64  # per replica; past it Serve tries another replica
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     max_body_bytes: int = 256 << 20  # the ingress refuses bigger bodies with 413
     base_model: str | None = None  # the served model name (requests naming it are not routed by adapter)
+    # Adapter management through the front door: the replicas' own rule (an admin key, or a
+    # loopback-only server) applied to the ingress's address, which is what clients reach.
+    management_open: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -52,11 +57,12 @@ api = FastAPI(title="loramux on Ray Serve", docs_url=None, redoc_url=None, opena
 @serve.ingress(api)
 class Ingress:
     def __init__(self, replicas: DeploymentHandle, routing: str, max_body_bytes: int,
-                 base_model: str | None) -> None:
+                 base_model: str | None, management_open: bool) -> None:
         self.replicas = replicas
         self.routing = routing
         self.max_body_bytes = max_body_bytes
         self.base_model = base_model
+        self.management_open = management_open
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def proxy(self, request: Request, path: str) -> Response:
@@ -68,6 +74,11 @@ class Ingress:
         headers = {k.lower(): v for k, v in request.headers.items()}
         route = "/" + path
         method = request.method
+        managing = route.startswith(MANAGEMENT_PREFIXES) and method in ("POST", "DELETE")
+        if managing and not self.management_open:
+            return JSONResponse({"error": {"message": "adapter management is disabled: the front door listens on a "
+                                           "non-loopback address and LORAMUX_ADMIN_API_KEY is not set",
+                                           "type": "PermissionDenied", "code": 403}}, status_code=403)
         if route.startswith(ADMIN_PREFIXES) and method in ("POST", "DELETE"):
             handle, call = self.replicas.options(stream=True), "admin"
         else:
@@ -78,7 +89,12 @@ class Ingress:
             handle, call = self.replicas.options(**options), "handle"
         stream = getattr(handle, call).remote(method, route, request.url.query, headers, bytes(body))
         iterator = stream.__aiter__()
-        status, out_headers = await iterator.__anext__()
+        try:
+            status, out_headers = await iterator.__anext__()
+        except Exception as exc:  # noqa: BLE001 - the replica died or Serve could not reach one
+            return JSONResponse({"error": {"message": f"no replica could answer ({type(exc).__name__}); retry",
+                                           "type": "ServiceUnavailable", "code": 503}},
+                                status_code=503, headers={"Retry-After": "1"})
         if wants_stream(route, bytes(body)) and status == 200:
             return StreamingResponse(iterator, status_code=status, headers=out_headers)
         chunks = []
@@ -103,4 +119,5 @@ def build_app(options: AppOptions):
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=60,
     ).bind(options.replica)
-    return Ingress.bind(replicas, options.routing, options.max_body_bytes, options.base_model)
+    return Ingress.bind(replicas, options.routing, options.max_body_bytes, options.base_model,
+                        options.management_open)

@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0)
-    p.add_argument("--max-adapters-per-replica", type=int, default=64,
-                   help="adapters Serve remembers per replica for routing (least recently used leave first)")
+    p.add_argument("--max-adapters-per-replica", type=int, default=256,
+                   help="adapters Serve remembers per replica for routing (least recently used leave first); "
+                        "below the number of adapters a replica's CPU tier holds, forgotten adapters move")
     p.add_argument("--max-ongoing-requests", type=int, default=64, help="per replica, before Serve tries another")
     return p
 
@@ -73,10 +74,23 @@ def options_from_args(args: argparse.Namespace, server_args: list[str]) -> AppOp
     env = {k: os.environ[k] for k in KEY_VARIABLES if k in os.environ}
     replica = ReplicaOptions(state_dir=str(state_dir.resolve()), server_args=tuple(server_args),
                              adapter_dirs=tuple(str(Path(d).resolve()) for d in args.adapter_dir), env=env)
+    management_open = bool(env.get("LORAMUX_ADMIN_API_KEY")) or _is_loopback(args.host)
     return AppOptions(replica=replica, num_replicas=args.replicas, routing=args.routing,
+                      management_open=management_open,
                       max_adapters_per_replica=args.max_adapters_per_replica,
                       max_ongoing_requests=args.max_ongoing_requests, cpus_per_replica=args.cpus_per_replica,
                       gpus_per_replica=args.gpus_per_replica, base_model=served_model_name(server_args))
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

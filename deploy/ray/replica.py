@@ -32,7 +32,9 @@ from loramux.ray_serve.adapter_dir import SYNC_INTERVAL_S, SharedAdapterDir
 log = logging.getLogger("loramux.ray_serve")
 
 # Request headers passed on to the server, and response headers passed back.
-FORWARD_REQUEST_HEADERS = ("authorization", "content-type", "accept", "x-request-id", "origin", "user-agent")
+# Host and Origin go on so the server's own checks (DNS rebinding, cross-site posts) see
+# what the client sent.
+FORWARD_REQUEST_HEADERS = ("authorization", "content-type", "accept", "x-request-id", "origin", "user-agent", "host")
 DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"}
 REPLICA_HEADER = "x-loramux-replica"
 STARTUP_TIMEOUT_S = 900.0  # a cold start on a busy CPU: the model load and the C kernel build

@@ -87,3 +87,24 @@ def test_replica_records(tmp_path):
     assert [r["replica"] for r in shared.live_replicas()] == ["r1"]
     shared.withdraw("r1")
     assert shared.live_replicas() == []
+
+
+@pytest.mark.parametrize("host,admin_key,open_", [
+    ("127.0.0.1", None, True), ("localhost", None, True), ("::1", None, True),
+    ("0.0.0.0", None, False), ("10.1.2.3", None, False), ("0.0.0.0", "secret-admin", True),
+])
+def test_front_door_management_follows_the_servers_rule(monkeypatch, host, admin_key, open_):
+    """Management through the ingress: only with an admin key, or on a loopback front door."""
+    pytest.importorskip("ray", reason="Ray Serve is the optional extra loramux[ray]")
+    from loramux.ray_serve import cli
+
+    monkeypatch.delenv("LORAMUX_ADMIN_API_KEY", raising=False)
+    if admin_key:
+        monkeypatch.setenv("LORAMUX_ADMIN_API_KEY", admin_key)
+    args, server_args = cli.build_parser().parse_known_args(["--host", host, "--model", "/m/my-model", "--threads", "1"])
+    options = cli.options_from_args(args, server_args)
+    assert options.management_open is open_
+    assert options.base_model == "my-model"
+    assert options.replica.server_args == ("--model", "/m/my-model", "--threads", "1")
+    assert ("LORAMUX_ADMIN_API_KEY" in options.replica.env) is bool(admin_key)
+    assert not any("secret" in a for a in options.replica.server_args)  # keys travel in the environment
