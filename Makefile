@@ -8,7 +8,7 @@ export LORAMUX_HOME ?= $(HOME)/.cache/loramux
 MODEL_DIR := $(LORAMUX_HOME)/models/smollm2-135m-instruct
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install model serve test test-slow test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak bench-prefix bench-lora-bf16 eval clean
+.PHONY: install install-ray prometheus model serve test test-slow test-dashboard test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak bench-prefix bench-lora-bf16 eval bench-replicas clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,19 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# The optional extra for `loramux-ray` (deploy/ray): Ray Serve.
+$(BIN)/.installed-ray: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
+	touch $@
+
+install-ray: $(BIN)/.installed-ray
+
+# Debian's prometheus and promtool, for `make test-dashboard` (root, or sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
 
 $(MODEL_DIR)/.loramux-complete: | $(BIN)/.installed
 	$(BIN)/loramux fetch-model
@@ -45,8 +58,13 @@ demo-check: install model
 test: install model
 	$(PYTEST) -m "not slow" -q
 
-test-slow: install model
+test-slow: install-ray prometheus model
 	$(PYTEST) -m "slow" -q
+
+# A real Prometheus scraping a real loramux under load: every dashboard and alert
+# expression returns data and names only exported metrics.
+test-dashboard: install prometheus model
+	$(PYTEST) -m "slow" tests/deploy/test_dashboard_live.py -q
 
 test-kernels: install
 	TRITON_INTERPRET=1 $(PYTEST) tests/kernels -q -p no:cacheprovider | tee /tmp/loramux-kernels.log; \
@@ -85,6 +103,12 @@ bench-lora-bf16: install
 # last line: eval: max_ppl_increase_pct=X min_top1_agreement=Y
 eval: install model
 	$(BIN)/python -m bench.eval_bf16
+
+# Two loramux replicas behind Ray Serve: adapter-affine vs round-robin routing, Zipf(1.0)
+# over 200 adapters; BENCH_ARGS adds flags (e.g. --requests 200).
+BENCH_ARGS ?=
+bench-replicas: install-ray model
+	$(BIN)/python -m bench.bench_replicas $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

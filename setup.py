@@ -15,6 +15,10 @@ packages = [
     for room in ROOMS
     for name in [f"loramux.{room}", *(f"loramux.{room}.{sub}" for sub in find_packages(room))]
 ]
+# The Ray Serve app (deploy/ray) ships as loramux.ray_serve; it imports ray only when used
+# (the extra `loramux[ray]` installs it).
+package_dir["loramux.ray_serve"] = "deploy/ray"
+packages.append("loramux.ray_serve")
 
 setup(
     packages=packages,

@@ -6,7 +6,8 @@ free 127.0.0.1 port, with the shipped demo adapters (examples/adapters) as its
 `bash -euo pipefail` in the repository root with `loramux` on PATH (this interpreter) and
 $LORAMUX_URL set; they must exit 0 and print something. Python blocks run in one shared
 namespace (as pasted into one interpreter, one after the other) and must not raise.
-A block preceded by `<!-- readme-test: skip ... -->` is not run (`make serve` itself).
+A block preceded by `<!-- readme-test: skip ... -->` is not run (`make serve` itself); one
+preceded by `<!-- readme-test: slow ... -->` runs in the slow suite (`make test-slow`).
 Blocks that name a demo adapter are skipped, with the reason, when examples/adapters
 lacks it (`make demo-adapters` makes them).
 """
@@ -36,6 +37,7 @@ ADAPTER_DIR = REPO / "examples" / "adapters"
 DEMO_ADAPTERS = ("pirate", "french", "json", "short")
 README_ADDRESS = "127.0.0.1:8000"
 SKIP_MARK = "<!-- readme-test: skip"
+SLOW_MARK = "<!-- readme-test: slow"
 BLOCK_TIMEOUT_S = 300
 
 _FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
@@ -48,6 +50,7 @@ class Block:
     code: str
     skipped: bool  # marked <!-- readme-test: skip -->
     line: int
+    slow: bool = False  # marked <!-- readme-test: slow -->
 
     @property
     def id(self) -> str:
@@ -64,8 +67,9 @@ def readme_blocks(text: str) -> list[Block]:
         before = text[: match.start()].rstrip().splitlines()
         skipped = bool(before) and before[-1].strip().startswith(SKIP_MARK)
         line = text.count("\n", 0, match.start()) + 1
+        slow = bool(before) and before[-1].strip().startswith(SLOW_MARK)
         blocks.append(Block(len(blocks), "python" if language == "python" else "bash", match.group(2),
-                            skipped, line))
+                            skipped, line, slow))
     return blocks
 
 
@@ -104,9 +108,10 @@ def readme_server(tmp_path_factory):
 def shell_env(readme_server, tmp_path_factory):
     """$PATH with a `loramux` that runs this interpreter's server.cli; $LORAMUX_URL."""
     bin_dir = tmp_path_factory.mktemp("readme-bin")
-    shim = bin_dir / "loramux"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m loramux.server.cli "$@"\n')
-    shim.chmod(0o755)
+    for command, module in (("loramux", "loramux.server.cli"), ("loramux-ray", "loramux.ray_serve.cli")):
+        shim = bin_dir / command
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+        shim.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LORAMUX_URL": readme_server.url,
             "PYTHONPATH": str(REPO)}
 
@@ -116,7 +121,8 @@ def python_namespace():
     return {"__name__": "__readme__"}
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if not b.skipped], ids=lambda b: b.id)
+@pytest.mark.parametrize("block", [pytest.param(b, marks=pytest.mark.slow) if b.slow else b
+                                   for b in BLOCKS if not b.skipped], ids=lambda b: b.id)
 def test_readme_block(block: Block, readme_server, shell_env, python_namespace):
     needed = [a for a in DEMO_ADAPTERS if re.search(rf"\b{a}\b", block.code)]
     absent = [a for a in needed if a in missing_adapters()]
