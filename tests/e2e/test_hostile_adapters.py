@@ -58,12 +58,18 @@ class HealthPoller:
                 self.latencies.append(time.perf_counter() - started)
                 self._stop.wait(HEALTH_PERIOD_S)
 
+    def _wait_for_polls(self, count: int) -> None:
+        deadline = time.monotonic() + 15
+        while len(self.latencies) < count and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.01)
+
     def __enter__(self) -> HealthPoller:
         self._thread.start()
+        self._wait_for_polls(1)  # polling runs before the case starts
         return self
 
     def __exit__(self, *exc_info) -> None:
-        time.sleep(2 * HEALTH_PERIOD_S)  # at least one poll after the case ended
+        self._wait_for_polls(len(self.latencies) + 2)  # and a full poll after it ended
         self._stop.set()
         self._thread.join(15)
 
