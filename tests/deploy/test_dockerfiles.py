@@ -111,7 +111,7 @@ def test_the_default_command_is_loramux_serve(name):
     if name == "cuda":
         assert (args.device, args.dtype) == ("cuda", "bfloat16")
     else:
-        assert args.device in (None, "cpu") and args.dtype in (None, "float32")
+        assert args.device in (None, "cpu") and args.dtype in (None, "auto", "float32")
     assert not any("key" in a.lower() for a in argv), "keys come from the environment"
 
 

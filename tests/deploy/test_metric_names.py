@@ -8,6 +8,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loramux.adapter_store.stats import LoadEvent, StoreStats
+from loramux.scheduler.prefix_cache_stats import PrefixCacheCounts
 from loramux.server.metrics import ServerMetrics
 from tests.deploy.promql import PROMETHEUS_SERIES, alert_expressions, dashboard_expressions, metric_names
 
@@ -15,6 +16,7 @@ from tests.deploy.promql import PROMETHEUS_SERIES, alert_expressions, dashboard_
 def exported_series_names() -> set[str]:
     metrics = ServerMetrics(max_loras=4)
     metrics.watch_store(lambda: StoreStats(*([0] * 20), load_latency_s=()))
+    metrics.watch_prefix_cache(lambda: {"base": PrefixCacheCounts(1, 16, 8, 1, 1)}, lambda: 1)
     timer = metrics.start_request("generate", None)
     timer.tokens(1)
     timer.tokens(1)

@@ -37,6 +37,12 @@ def _has_cpu_flag(flag: str) -> bool:
     return any(line.startswith("flags") and flag in line.split() for line in text.splitlines())
 
 
+def prepared_add_lora(backend, y, x, slices, info) -> None:
+    """One step as the runner does it: plan the batch once, then add the deltas."""
+    backend.prepare(info)
+    backend.add_lora(y, x, slices, info)
+
+
 def make_buffers(in_features, out_features, max_rank, ranks, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     buffers = LoraModuleBuffers(NUM_SLOTS, max_rank, in_features, out_features, dtype, "cpu")
@@ -111,7 +117,7 @@ def test_backend_matches_reference_per_dtype(backend, layout, max_rank):
     num_tokens = 2 * LONG_SEGMENT_TOKENS_BY_DTYPE[dtype] + 5  # long and short segments both occur
     info, slices, x, y = make_case(layout, num_tokens, 200, [576], max_rank, dtype)
     expected = expected_fp32(y, x, slices, info)
-    chosen.add_lora(y, x, slices, info)
+    prepared_add_lora(chosen, y, x, slices, info)
     assert y.dtype == dtype
     torch.testing.assert_close(y.float(), expected, **TOLERANCE[dtype])
 
@@ -126,7 +132,7 @@ def test_bf16_kernel_rounds_once(bf16_kernel, in_features, widths, layout):
     info, slices, x, y = make_case(layout, 12, in_features, widths, 16, torch.bfloat16, seed=3)
     assert info.max_seg_len < bf16_kernel.long_segment_tokens  # every segment takes the C kernel
     expected = expected_fp32(y, x, slices, info)
-    bf16_kernel.add_lora(y, x, slices, info)
+    prepared_add_lora(bf16_kernel, y, x, slices, info)
     ulp = torch.finfo(torch.bfloat16).eps * expected.abs()  # 2^-7 relative: one ulp at most
     assert ((y.float() - expected).abs() <= ulp + 1e-3).all()
 
@@ -136,7 +142,7 @@ def test_bf16_kernel_layouts(bf16_kernel, layout):
     num_tokens = bf16_kernel.long_segment_tokens - 1  # the C kernel only
     info, slices, x, y = make_case(layout, num_tokens, 576, [576, 192], 32, torch.bfloat16, seed=5)
     expected = expected_fp32(y, x, slices, info)
-    bf16_kernel.add_lora(y, x, slices, info)
+    prepared_add_lora(bf16_kernel, y, x, slices, info)
     torch.testing.assert_close(y.float(), expected, **TOLERANCE[torch.bfloat16])
 
 
@@ -146,7 +152,7 @@ def test_bf16_output_column_slice_view(bf16_kernel):
     wide = torch.randn(info.num_tokens, 100).to(torch.bfloat16)
     expected = wide.float()
     add_lora_reference(expected[:, 20:68], x.float(), slices, info)
-    bf16_kernel.add_lora(wide[:, 20:68], x, slices, info)
+    prepared_add_lora(bf16_kernel, wide[:, 20:68], x, slices, info)
     assert torch.equal(wide[:, :20].float(), expected[:, :20]) and torch.equal(wide[:, 68:].float(), expected[:, 68:])
     torch.testing.assert_close(wide.float(), expected, **TOLERANCE[torch.bfloat16])
 
@@ -157,7 +163,7 @@ def test_bf16_segment_scales(bf16_kernel):
     x, y = torch.randn(6, 32).to(torch.bfloat16), torch.randn(6, 40).to(torch.bfloat16)
     expected = y.float()
     add_lora_per_token(expected, x.float(), slices, [0, 0, 0, 2, 2, 2], [1.0, 1.0, 0.25, 2.0, 2.0, 2.0])
-    bf16_kernel.add_lora(y, x, slices, info)
+    prepared_add_lora(bf16_kernel, y, x, slices, info)
     torch.testing.assert_close(y.float(), expected, **TOLERANCE[torch.bfloat16])
 
 
@@ -167,13 +173,13 @@ def test_bf16_result_is_batch_invariant(bf16_kernel):
     x = torch.randn(7, 576).to(torch.bfloat16)
     y = torch.randn(7, 576).to(torch.bfloat16)
     alone = y[3:4].clone()
-    bf16_kernel.add_lora(alone, x[3:4], slices, build_lora_batch_info([4], [1]))
+    prepared_add_lora(bf16_kernel, alone, x[3:4], slices, build_lora_batch_info([4], [1]))
     batched = y.clone()
-    bf16_kernel.add_lora(batched, x, slices, build_lora_batch_info([0, 1, 4, 5], [2, 1, 1, 3]))
+    prepared_add_lora(bf16_kernel, batched, x, slices, build_lora_batch_info([0, 1, 4, 5], [2, 1, 1, 3]))
     assert torch.equal(batched[3], alone[0])
 
 
 def test_bf16_kernel_rejects_fp32_tensors(bf16_kernel):
     info, slices, x, y = make_case("distinct", 4, 32, [16], 8, torch.bfloat16)
     with pytest.raises(ValueError, match="bfloat16"):
-        bf16_kernel.add_lora(y.float(), x.float(), slices, info)
+        prepared_add_lora(bf16_kernel, y.float(), x.float(), slices, info)
