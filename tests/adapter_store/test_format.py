@@ -372,16 +372,14 @@ CONFIG_INVALID = {
 }
 CONFIG_UNSUPPORTED = {
     "peft-type": (_config(peft_type="IA3"), "non-LoRA PEFT type 'IA3'"),
-    "dora": (_config(use_dora=True), "DoRA"),
     "modules-to-save": (_config(modules_to_save=["score"]), "modules_to_save"),
     "bias-all": (_config(bias="all"), "bias != 'none'"),
     "lora-bias": (_config(lora_bias=True), "lora_bias"),
     "target-parameters": (_config(target_parameters=["mlp.down_proj"]), "target_parameters"),
     "trainable-tokens": (_config(trainable_token_indices=[1, 2]), "trainable tokens"),
     "pissa": (_config(init_lora_weights="pissa_niter_4"), "pissa_niter_4"),
-    "embed-target": (_config(target_modules=["q_proj", "embed_tokens"]), "embedding LoRA"),
-    "lm-head-target": (_config(target_modules=["q_proj", "lm_head"]), "lm_head LoRA"),
-    "lm-head-regex": (_config(target_modules=r".*(q_proj|lm_head)"), "lm_head LoRA"),
+    "embed-dora": (_config(target_modules=["q_proj", "embed_tokens"], use_dora=True), "DoRA on an embedding"),
+    "tied-head": (_config(target_modules=["q_proj", "lm_head"], ensure_weight_tying=True), "ensure_weight_tying"),
 }
 WEIGHTS_INVALID = {
     "truncated": (_weights_bytes(lambda b: b[:-20]), "not a valid safetensors file"),
@@ -400,17 +398,26 @@ WEIGHTS_INVALID = {
     "int-dtype": (_with(**{_q_a(): torch.zeros(4, 64, dtype=torch.int32)}), "dtype I32"),
     "nan": (_with(**{_q_a(): torch.full((4, 64), float("nan"))}), "NaN or inf"),
     "inf": (_with(**{_q_b(1): torch.zeros(64, 4).fill_diagonal_(float("inf"))}), "NaN or inf"),
+    "dora-no-magnitude": (_config(use_dora=True), "no lora_magnitude_vector tensor for model.layers.0"),
+    "magnitude-without-dora": (
+        _with(**{_q_a().replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(64)}),
+        "DoRA magnitude, but adapter_config.json has no use_dora",
+    ),
+    "embedding-untargeted": (
+        _with(**{"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 128)}),
+        "model.embed_tokens, which target_modules does not target",
+    ),
+    "lm-head-untargeted": (_with(**{"base_model.model.lm_head.lora_A.weight": _A}), "lm_head, which target_modules"),
+    "embedding-linear-keys": (
+        _with(**{"base_model.model.model.embed_tokens.lora_A.weight": _A}),
+        "model.embed_tokens takes lora_embedding_A / lora_embedding_B",
+    ),
 }
 WEIGHTS_UNSUPPORTED = {
-    "embedding-tensors": (
-        _with(**{"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 128)}),
-        "embedding LoRA",
+    "modules-to-save-tensors": (
+        _with(**{"base_model.model.lm_head.modules_to_save.default.weight": torch.zeros(128, 64)}),
+        "modules_to_save",
     ),
-    "dora-tensors": (
-        _with(**{_q_a().replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(64)}),
-        "DoRA",
-    ),
-    "lm-head-tensors": (_with(**{"base_model.model.lm_head.lora_A.weight": _A}), "lm_head LoRA"),
     "lora-bias-tensors": (
         _with(**{_q_b().replace("weight", "bias"): torch.zeros(64)}),
         "lora_bias",
@@ -480,7 +487,6 @@ def test_refusals(base_adapter, tmp_path, spec, case, monkeypatch):
         "targets-bad-regex",
         "regex-with-layers",
         "peft-type",
-        "dora",
         "modules-to-save",
         "bias-all",
         "pissa",
