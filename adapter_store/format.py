@@ -77,9 +77,10 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # path_initial_model_for_weight_conversion say `true` instead and load fine.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
+MODULES_TO_SAVE = "modules_to_save (whole trained copies of base modules)"
 # Config keys that, when set (truthy), select a PEFT feature loramux does not serve.
 _UNSUPPORTED_KEYS: tuple[tuple[str, str], ...] = (
-    ("modules_to_save", "modules_to_save (whole trained copies of base modules)"),
+    ("modules_to_save", MODULES_TO_SAVE),
     ("lora_bias", "LoRA bias (lora_bias)"),
     ("target_parameters", "target_parameters"),
     ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
@@ -106,13 +107,14 @@ _LORA_KEY = re.compile(
 _OUTER_TENSOR = re.compile(
     r"lora_(?P<factor>[AB])(?:\.default)?\.weight|lora_embedding_(?P<embedding>[AB])(?:\.default)?"
     r"|(?P<magnitude>lora_magnitude_vector)(?:\.default)?(?:\.weight)?|(?P<base>base_layer\.weight)"
+    r"|(?P<whole>weight)"  # the module itself, replaced: how PEFT saves modules_to_save
 )
 MODEL_LEVEL = -1  # the "layer index" of modules outside the decoder layers (embed_tokens, lm_head)
 # Keys of PEFT features that are not plain LoRA on a projection: (pattern, feature).
 _UNSUPPORTED_KEY_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\.lora_[AB](?:\.default)?\.bias$"), "LoRA bias (lora_bias)"),
     (re.compile(r"trainable_tokens"), "trainable tokens (trainable_token_indices)"),
-    (re.compile(r"\.modules_to_save\."), "modules_to_save (whole trained copies of base modules)"),
+    (re.compile(r"\.modules_to_save\."), MODULES_TO_SAVE),
 )
 
 
@@ -159,6 +161,9 @@ class BaseModelSpec:
     outer_modules: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     outer_paths: Mapping[str, str] = field(default_factory=dict)  # leaf -> full name
     embedding_modules: tuple[str, ...] = ()  # the outer modules that are embeddings
+    # outer module -> the outer module whose base weight it shares (tied embeddings: lm_head
+    # -> embed_tokens). PEFT's ensure_weight_tying then adapts it whenever the other is.
+    tied_modules: Mapping[str, str] = field(default_factory=dict)
     # The serving model computes DoRA's weight norms from its base weights (kernels/dora.py)
     supports_dora: bool = False
 
@@ -198,6 +203,9 @@ class BaseModelSpec:
         object.__setattr__(self, "outer_modules", MappingProxyType(outer))
         object.__setattr__(self, "outer_paths", MappingProxyType(dict(self.outer_paths)))
         object.__setattr__(self, "embedding_modules", tuple(self.embedding_modules))
+        if any(a not in outer or b not in outer for a, b in self.tied_modules.items()):
+            raise ValueError(f"tied_modules {dict(self.tied_modules)} must name outer modules")
+        object.__setattr__(self, "tied_modules", MappingProxyType(dict(self.tied_modules)))
 
     def __hash__(self) -> int:  # MappingProxyType is unhashable; the spec is a fine cache key
         return hash(
@@ -209,6 +217,7 @@ class BaseModelSpec:
                 self.layers_prefix,
                 tuple(self.outer_modules.items()),
                 tuple(self.outer_paths.items()),
+                tuple(self.tied_modules.items()),
                 self.supports_dora,
             )
         )
@@ -593,7 +602,7 @@ def resolve_targets(
     ]
     for layer, module in candidates:
         name = spec.module_name(layer, module)
-        if not _is_targeted(matcher, config, targets, name):
+        if not _is_targeted(matcher, config, targets, name) and not _tied_target(matcher, config, targets, spec, module):
             continue
         if layer == MODEL_LEVEL:
             _check_outer_target(adapter_id, path, config, spec, module, name)
@@ -629,19 +638,25 @@ def resolve_targets(
     return resolved
 
 
+def _tied_target(
+    matcher: PatternMatcher, config: LoraAdapterConfig, targets: tuple[str, ...] | str, spec: BaseModelSpec, module: str
+) -> bool:
+    """PEFT's ensure_weight_tying on tied embeddings: lm_head is adapted (with the embedding's
+    factors, transposed, which PEFT saves as lm_head's own) whenever embed_tokens is."""
+    source = spec.tied_modules.get(module)
+    return (
+        config.ensure_weight_tying
+        and source is not None
+        and _is_targeted(matcher, config, targets, spec.module_name(MODEL_LEVEL, source))
+    )
+
+
 def _check_outer_target(
     adapter_id: str, path: str | Path | None, config: LoraAdapterConfig, spec: BaseModelSpec, module: str, name: str
 ) -> None:
     """Refuse what loramux does not serve on embed_tokens / lm_head."""
     if config.use_dora and module in spec.embedding_modules:
         raise AdapterUnsupported(adapter_id, path, "DoRA on an embedding", f"target_modules matches {name}")
-    if config.ensure_weight_tying:
-        raise AdapterUnsupported(
-            adapter_id,
-            path,
-            "ensure_weight_tying (lm_head's adapter tied to the embedding's)",
-            f"target_modules matches {name}",
-        )
 
 
 def _matches_names(
@@ -996,6 +1011,8 @@ def _parse_outer_key(
         if match is None or (match.group("factor") and embedding) or (match.group("embedding") and not embedding):
             expected = "lora_embedding_A / lora_embedding_B" if embedding else "lora_A.weight / lora_B.weight"
             raise AdapterInvalid(adapter_id, path, f"unexpected tensor {key!r}; {full_name} takes {expected}")
+        if match.group("whole"):
+            raise AdapterUnsupported(adapter_id, path, MODULES_TO_SAVE, f"tensor {key!r} replaces {full_name}")
         if match.group("magnitude"):
             return MODEL_LEVEL, module, "M"
         if match.group("base"):

@@ -21,6 +21,13 @@ class AdapterRecipe:
     layers_to_transform: list[int] | None = None
     seed: int = 0
     b_std: float = 0.02  # PEFT starts lora_B at zero; a random B makes the adapter visible
+    use_dora: bool = False
+    ensure_weight_tying: bool = False
+    # DoRA's magnitude starts at the base weight's row norms; a relative jitter of this size
+    # makes it differ from them as a trained one does
+    magnitude_jitter: float = 0.0
+    # PEFT starts lora_embedding_A at zero: with this std it is random (embed_tokens targets)
+    embedding_a_std: float = 1.0
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(
@@ -31,6 +38,8 @@ class AdapterRecipe:
             rank_pattern=dict(self.rank_pattern),
             alpha_pattern=dict(self.alpha_pattern),
             layers_to_transform=self.layers_to_transform,
+            use_dora=self.use_dora,
+            ensure_weight_tying=self.ensure_weight_tying,
             lora_dropout=0.0,
             task_type="CAUSAL_LM",
         )
@@ -42,8 +51,12 @@ def make_peft_adapter(base_model, recipe: AdapterRecipe, directory: Path) -> Pat
     peft_model = get_peft_model(base_model, recipe.lora_config())
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_B" in name:
                 param.normal_(0.0, recipe.b_std)
+            elif "lora_embedding_A" in name:
+                param.normal_(0.0, recipe.embedding_a_std)
+            elif "lora_magnitude_vector" in name and recipe.magnitude_jitter:
+                param.mul_(1.0 + recipe.magnitude_jitter * torch.randn_like(param))
     out = directory / recipe.name
     peft_model.save_pretrained(out)
     peft_model.unload()  # restores the base modules in place

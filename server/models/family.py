@@ -45,6 +45,7 @@ def outer_module_spec(spec_sizes: dict) -> dict:
         outer_modules={EMBED_MODULE: (vocab, hidden), HEAD_MODULE: (hidden, vocab)},
         outer_paths=OUTER_MODULE_PATHS,
         embedding_modules=(EMBED_MODULE,),
+        tied_modules={HEAD_MODULE: EMBED_MODULE} if spec_sizes["tie_word_embeddings"] else {},
         supports_dora=True,
     )
 
