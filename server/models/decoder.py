@@ -187,12 +187,14 @@ class DecoderModel:
     def compute_logits(self, hidden: torch.Tensor, lora: LoraBatchInfo | None = None) -> torch.Tensor:
         """[n, hidden] final-normed rows -> fp32 logits [n, vocab].
 
-        `lora` maps the rows to adapter slots for lm_head adapters (None: base logits); the
-        backend must have been prepared with it (the runner does)."""
+        `lora` maps the rows to adapter slots for lm_head adapters (None: base logits). Only
+        when one of those slots adapts lm_head is the backend planned for these rows (after
+        the step's forward, which no longer needs its own plan)."""
         logits = lm_head_logits(hidden, self.weights.lm_head)  # bf16: its top candidates exact
         head = self.head_lora
         if lora is not None and head is not None and lora.has_adapters and step_adapts(head, lora):
             delta = torch.zeros(logits.shape, dtype=hidden.dtype, device=hidden.device)  # [n, vocab]
+            self.lora_backend.prepare(lora)
             self.lora_backend.add_lora(delta, hidden, head, lora)
             logits += delta
             apply_dora(logits, None, head, lora)

@@ -43,6 +43,6 @@ class ServingModel(Protocol):
         ...
 
     def compute_logits(self, hidden: torch.Tensor, lora: LoraBatchInfo | None = None) -> torch.Tensor:
-        """[n, hidden] final-normed rows -> fp32 logits [n, vocab]; `lora` (the rows' slots,
-        the backend prepared with it) adds lm_head adapters."""
+        """[n, hidden] final-normed rows -> fp32 logits [n, vocab]; `lora` (the rows' slots)
+        adds lm_head adapters."""
         ...

@@ -113,9 +113,7 @@ class ModelRunner:
 
     def compute_logits(self, rows: torch.Tensor, lora: LoraBatchInfo) -> torch.Tensor:
         """fp32 logits [n, vocab] of final hidden rows [n, hidden] whose slots `lora` gives
-        (lm_head adapters apply); the LoRA backend is prepared for those rows first."""
-        if lora.has_adapters:
-            self.model.lora_backend.prepare(lora)
+        (lm_head adapters apply)."""
         return self.model.compute_logits(rows, lora)
 
     def sample_logits(self, step: PreparedStep, hidden: torch.Tensor) -> torch.Tensor:

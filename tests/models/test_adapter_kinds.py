@@ -18,46 +18,38 @@ from loramux.scheduler.request import BASE_SLOT, Request
 from loramux.scheduler.sampling_params import SamplingParams
 from loramux.server.models.loader import load_model
 from loramux.server.runner.model_runner import ModelRunner
-from tests.peft_adapters import AdapterRecipe, make_peft_adapter
+from tests.engine_fixtures import default_model_or_skip
+from tests.peft_adapters import ADAPTER_KIND_RECIPES, AdapterRecipe, make_peft_adapter
 from tests.tiny_models import FAMILY_KINDS, generate_static, save_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 90, 17]]
 NUM_STEPS = 5
 MAX_RANK = 8
 
-# Module names every family has (Phi-3 packs q/k/v and gate/up, so "all-linear" covers those).
-ADAPTER_KINDS = [
-    AdapterRecipe("dora-all", r=4, lora_alpha=8, use_dora=True, magnitude_jitter=0.2, seed=1, b_std=0.1),
-    AdapterRecipe("plain-o-down", r=8, target_modules=["o_proj", "down_proj"], seed=2, b_std=0.1),
-    AdapterRecipe("embed-head", r=6, lora_alpha=12, target_modules=["embed_tokens", "lm_head", "o_proj"], seed=3, b_std=0.1),
-    AdapterRecipe(
-        "dora-head-r-pattern",
-        r=5,
-        lora_alpha=5,
-        target_modules=["lm_head", "down_proj"],
-        rank_pattern={"lm_head": 3},
-        use_dora=True,
-        magnitude_jitter=0.2,
-        seed=4,
-        b_std=0.1,
-    ),
-]
+ADAPTER_KINDS = ADAPTER_KIND_RECIPES
 
 
-def run_batch(tmp_path, kind: str, backend_name: str, recipes=ADAPTER_KINDS):
-    """(requests after a greedy batch run, our logits per request, peft model with every adapter)."""
+def run_batch(tmp_path, kind: str, backend_name: str, recipes=ADAPTER_KINDS, device: str | torch.device = "cpu"):
+    """(requests after a greedy batch run, our logits per request, peft model with every
+    adapter, our model) on a tiny model of `kind`. The peft reference runs on the CPU."""
     hf = save_tiny_model(tmp_path / "base", kind)
-    dirs = [make_peft_adapter(hf, recipe, tmp_path / "adapters") for recipe in recipes]
-    backend = select_backend(torch.device("cpu"), torch.float32, tmp_path / "kcache", backend_name)
-    model = load_model(tmp_path / "base", backend, max_lora_slots=len(recipes) + 1, max_lora_rank=MAX_RANK)
+    return serve_batch(hf, tmp_path / "base", tmp_path, recipes, PROMPTS, backend_name, device)
+
+
+def serve_batch(hf, model_dir, workdir, recipes, prompts, backend_name: str, device="cpu", max_rank=MAX_RANK):
+    """Every recipe's adapter and the base model on each prompt, interleaved in one batch:
+    DoRA, plain LoRA, embedding / lm_head adapters and base requests share every step."""
+    dirs = [make_peft_adapter(hf, recipe, workdir / "adapters") for recipe in recipes]
+    device = torch.device(device)
+    backend = select_backend(device, torch.float32, workdir / "kcache", backend_name)
+    model = load_model(model_dir, backend, device=device, max_lora_slots=len(recipes) + 1, max_lora_rank=max_rank)
     spec = model.spec.base_model_spec()
     slots = {}
     for slot, (recipe, directory) in enumerate(zip(recipes, dirs), start=1):
-        write_adapter_to_slot(model.lora_buffers(), slot, load_adapter(recipe.name, directory, spec, MAX_RANK))
+        write_adapter_to_slot(model.lora_buffers(), slot, load_adapter(recipe.name, directory, spec, max_rank))
         slots[recipe.name] = slot
-    runner = ModelRunner(model, num_kv_blocks=128, block_size=4)
-    # Every adapter and base on each prompt, interleaved: DoRA, plain LoRA and base share a batch.
-    plan = [(name, p) for p in PROMPTS for name in [*slots, None]]
+    runner = ModelRunner(model, num_kv_blocks=256, block_size=4)
+    plan = [(name, p) for p in prompts for name in [*slots, None]]
     requests = [
         Request(
             f"r{i}",
@@ -92,7 +84,7 @@ def assert_matches_peft(requests, ours, peft) -> None:
     first_steps = {}
     for request in requests:
         ref = peft_logits(peft, request)
-        got = torch.stack(ours[request.request_id])
+        got = torch.stack(ours[request.request_id]).cpu()
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
         assert request.output_token_ids == ref.argmax(-1).tolist(), request.adapter_id
         first_steps[(request.adapter_id, tuple(request.prompt_token_ids))] = got[0]
@@ -143,7 +135,6 @@ def test_lm_head_adapter_applies_to_logits_only_with_tied_embeddings(tmp_path):
     # Without the rows' slots, compute_logits gives the base logits.
     hidden = torch.randn(2, model.spec.hidden_size)
     info = build_lora_batch_info([1, 1], [1, 1])
-    model.lora_backend.prepare(info)
     assert not torch.equal(model.compute_logits(hidden, info), model.compute_logits(hidden))
 
 
@@ -157,4 +148,35 @@ def test_ensure_weight_tying_adapts_lm_head_with_the_embedding(tmp_path):
     buffers = model.lora_buffers()
     assert buffers[(MODEL_LEVEL, "embed_tokens")].ranks_host[1] == 4
     assert buffers[(MODEL_LEVEL, "lm_head")].ranks_host[1] == 4
+    assert_matches_peft(requests, ours, peft)
+
+
+DEFAULT_MODEL_KINDS = [
+    AdapterRecipe("dora-all-r8", r=8, lora_alpha=16, use_dora=True, magnitude_jitter=0.05, seed=21, b_std=0.02),
+    AdapterRecipe("plain-qv-r8", r=8, target_modules=["q_proj", "v_proj"], seed=22, b_std=0.04),
+    AdapterRecipe(
+        "embed-head-r8", r=8, target_modules=["embed_tokens", "lm_head"], seed=23, b_std=0.05, embedding_a_std=0.5
+    ),
+    AdapterRecipe(
+        "dora-head-mlp-r4",
+        r=4,
+        target_modules=["lm_head", "gate_proj", "down_proj"],
+        use_dora=True,
+        magnitude_jitter=0.05,
+        seed=24,
+        b_std=0.02,
+    ),
+]
+
+
+def test_default_model_dora_and_vocab_adapters_match_peft(tmp_path):
+    """The default model (tied embeddings), fp32, greedy: DoRA, plain LoRA, embedding and
+    lm_head adapters and base requests in one batch, token for token as peft."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = default_model_or_skip()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [tokenizer("The capital of France is").input_ids]
+    requests, ours, peft, _ = serve_batch(hf, model_dir, tmp_path, DEFAULT_MODEL_KINDS, prompts, "cpu")
     assert_matches_peft(requests, ours, peft)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from peft import PeftModel
@@ -15,7 +13,7 @@ from loramux.scheduler.request import BASE_SLOT, Request
 from loramux.scheduler.sampling_params import SamplingParams
 from loramux.server.models.loader import load_model
 from loramux.server.runner.model_runner import ModelRunner
-from tests.peft_adapters import AdapterRecipe, make_peft_adapter
+from tests.peft_adapters import family_recipes, make_peft_adapter
 from tests.tiny_models import FAMILY_KINDS, generate_static, save_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [40]]
@@ -44,42 +42,6 @@ def test_base_forward_matches_transformers(tmp_path, kind):
         got = torch.stack(ours[request.request_id])
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
         assert request.output_token_ids == ref.argmax(-1).tolist()
-
-
-RECIPES = [
-    AdapterRecipe("all-r8", r=8, seed=1, b_std=0.1),
-    AdapterRecipe("qv-r4", r=4, target_modules=["q_proj", "v_proj"], seed=2, b_std=0.1),
-    AdapterRecipe(
-        "pattern-r16",
-        r=16,
-        target_modules=r".*\.(k_proj|o_proj|down_proj)",
-        rank_pattern={"down_proj": 2},
-        alpha_pattern={"o_proj": 3.0},
-        seed=3,
-        b_std=0.1,
-    ),
-    AdapterRecipe("rslora-mlp", r=6, target_modules=["gate_proj", "up_proj"], use_rslora=True, seed=4, b_std=0.1),
-    AdapterRecipe(
-        "layer1-only", r=5, target_modules=["q_proj", "down_proj"], layers_to_transform=[1], lora_alpha=7.5, seed=5, b_std=0.1
-    ),
-]
-
-
-def family_recipes(kind: str) -> list[AdapterRecipe]:
-    """RECIPES in the module names of the family's checkpoint (Phi-3 packs q/k/v and gate/up)."""
-    if kind != "phi3":
-        return RECIPES
-    packed = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-
-    def rename(targets):
-        if isinstance(targets, str):
-            return targets.replace("k_proj", "qkv_proj")
-        return sorted({packed.get(t, t) for t in targets})
-
-    return [
-        dataclasses.replace(r, target_modules=rename(r.target_modules)) if r.target_modules != "all-linear" else r
-        for r in RECIPES
-    ]
 
 
 @pytest.mark.parametrize(
