@@ -169,6 +169,7 @@ DEFAULT_MODEL_KINDS = [
 ]
 
 
+@pytest.mark.slow  # peft recomputes every DoRA norm per forward: about a minute of CPU
 def test_default_model_dora_and_vocab_adapters_match_peft(tmp_path):
     """The default model (tied embeddings), fp32, greedy: DoRA, plain LoRA, embedding and
     lm_head adapters and base requests in one batch, token for token as peft."""
