@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel
 
 from loramux.adapter_store.device_slots import write_adapter_to_slot
 from loramux.adapter_store.format import MODEL_LEVEL, load_adapter
-from loramux.kernels.backend import select_backend
 from loramux.kernels.metadata import build_lora_batch_info
-from loramux.scheduler.request import BASE_SLOT, Request
-from loramux.scheduler.sampling_params import SamplingParams
-from loramux.server.models.loader import load_model
-from loramux.server.runner.model_runner import ModelRunner
 from tests.engine_fixtures import default_model_or_skip
-from tests.peft_adapters import ADAPTER_KIND_RECIPES, AdapterRecipe, make_peft_adapter
-from tests.tiny_models import FAMILY_KINDS, generate_static, save_tiny_model
+from tests.models.peft_batch import MAX_RANK, assert_matches_peft, serve_batch
+from tests.peft_adapters import ADAPTER_KIND_RECIPES, AdapterRecipe
+from tests.tiny_models import FAMILY_KINDS, save_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 90, 17]]
-NUM_STEPS = 5
-MAX_RANK = 8
 
 ADAPTER_KINDS = ADAPTER_KIND_RECIPES
 
@@ -34,64 +27,6 @@ def run_batch(tmp_path, kind: str, backend_name: str, recipes=ADAPTER_KINDS, dev
     adapter, our model) on a tiny model of `kind`. The peft reference runs on the CPU."""
     hf = save_tiny_model(tmp_path / "base", kind)
     return serve_batch(hf, tmp_path / "base", tmp_path, recipes, PROMPTS, backend_name, device)
-
-
-def serve_batch(hf, model_dir, workdir, recipes, prompts, backend_name: str, device="cpu", max_rank=MAX_RANK):
-    """Every recipe's adapter and the base model on each prompt, interleaved in one batch:
-    DoRA, plain LoRA, embedding / lm_head adapters and base requests share every step."""
-    dirs = [make_peft_adapter(hf, recipe, workdir / "adapters") for recipe in recipes]
-    device = torch.device(device)
-    backend = select_backend(device, torch.float32, workdir / "kcache", backend_name)
-    model = load_model(model_dir, backend, device=device, max_lora_slots=len(recipes) + 1, max_lora_rank=max_rank)
-    spec = model.spec.base_model_spec()
-    slots = {}
-    for slot, (recipe, directory) in enumerate(zip(recipes, dirs), start=1):
-        write_adapter_to_slot(model.lora_buffers(), slot, load_adapter(recipe.name, directory, spec, max_rank))
-        slots[recipe.name] = slot
-    runner = ModelRunner(model, num_kv_blocks=256, block_size=4)
-    plan = [(name, p) for p in prompts for name in [*slots, None]]
-    requests = [
-        Request(
-            f"r{i}",
-            list(prompt),
-            SamplingParams(max_tokens=NUM_STEPS, temperature=0),
-            adapter_id=name,
-            adapter_slot=slots[name] if name else BASE_SLOT,
-        )
-        for i, (name, prompt) in enumerate(plan)
-    ]
-    ours = generate_static(runner, requests, NUM_STEPS)
-    peft = PeftModel.from_pretrained(hf, dirs[0], adapter_name=recipes[0].name)
-    for recipe, directory in zip(recipes[1:], dirs[1:]):
-        peft.load_adapter(directory, adapter_name=recipe.name)
-    return requests, ours, peft.eval(), model
-
-
-def peft_logits(peft, request: Request) -> torch.Tensor:
-    """peft's logits [steps, vocab] teacher-forced on the request's tokens."""
-    tokens = torch.tensor([request.all_token_ids])
-    with torch.no_grad():
-        if request.adapter_id is None:
-            with peft.disable_adapter():
-                out = peft(tokens).logits[0]
-        else:
-            peft.set_adapter(request.adapter_id)
-            out = peft(tokens).logits[0]
-    return out[request.num_prompt_tokens - 1 : request.num_tokens - 1]
-
-
-def assert_matches_peft(requests, ours, peft) -> None:
-    first_steps = {}
-    for request in requests:
-        ref = peft_logits(peft, request)
-        got = torch.stack(ours[request.request_id]).cpu()
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-        assert request.output_token_ids == ref.argmax(-1).tolist(), request.adapter_id
-        first_steps[(request.adapter_id, tuple(request.prompt_token_ids))] = got[0]
-    # Each adapter moves the logits well past the tolerance: a match is not two no-ops agreeing.
-    for (adapter, prompt), logits in first_steps.items():
-        if adapter is not None:
-            assert (logits - first_steps[(None, prompt)]).abs().max() > 0.05, adapter
 
 
 @pytest.mark.parametrize(
