@@ -20,18 +20,29 @@ MAX_RANK = 8
 
 
 def serve_batch(
-    hf, model_dir, workdir, recipes, prompts, backend_name: str, device="cpu", max_rank=MAX_RANK, num_steps=NUM_STEPS
+    hf,
+    model_dir,
+    workdir,
+    recipes,
+    prompts,
+    backend_name: str,
+    device="cpu",
+    max_rank=MAX_RANK,
+    num_steps=NUM_STEPS,
+    dtype=torch.float32,
 ):
     """Every recipe's adapter and the base model on each prompt, interleaved in one batch:
     DoRA, plain LoRA, embedding / lm_head adapters and base requests share every step."""
     dirs = [make_peft_adapter(hf, recipe, workdir / "adapters") for recipe in recipes]
     device = torch.device(device)
-    backend = select_backend(device, torch.float32, workdir / "kcache", backend_name)
-    model = load_model(model_dir, backend, device=device, max_lora_slots=len(recipes) + 1, max_lora_rank=max_rank)
+    backend = select_backend(device, dtype, workdir / "kcache", backend_name)
+    model = load_model(
+        model_dir, backend, dtype=dtype, device=device, max_lora_slots=len(recipes) + 1, max_lora_rank=max_rank
+    )
     spec = model.spec.base_model_spec()
     slots = {}
     for slot, (recipe, directory) in enumerate(zip(recipes, dirs), start=1):
-        write_adapter_to_slot(model.lora_buffers(), slot, load_adapter(recipe.name, directory, spec, max_rank))
+        write_adapter_to_slot(model.lora_buffers(), slot, load_adapter(recipe.name, directory, spec, max_rank, dtype))
         slots[recipe.name] = slot
     runner = ModelRunner(model, num_kv_blocks=256, block_size=4)
     plan = [(name, p) for p in prompts for name in [*slots, None]]
