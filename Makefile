@@ -70,8 +70,9 @@ test-kernels: install
 	TRITON_INTERPRET=1 $(PYTEST) tests/kernels -q -p no:cacheprovider | tee /tmp/loramux-kernels.log; \
 	$(BIN)/python bench/summarize_pytest.py kernels /tmp/loramux-kernels.log
 
+# The default model, DoRA / embedding / lm_head adapters, and every family on a tiny model.
 golden: install model
-	$(BIN)/python -m tests.golden.run_golden
+	$(BIN)/python -m tests.golden.run_golden --families
 
 bench-engine: install model
 	$(BIN)/python -m bench.bench_engine

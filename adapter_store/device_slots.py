@@ -2,7 +2,8 @@
 
 The buffers (kernels/buffers.py) hold every adapted projection of every layer; a slot is
 one adapter's place in all of them at once. Projections the adapter does not adapt are
-cleared in that slot, so a slot never keeps a previous occupant's weights.
+cleared in that slot, so a slot never keeps a previous occupant's weights. A DoRA
+adapter's per-row factors are computed here, once per write (LoraModuleBuffers.write).
 
 A projection the adapter adapts in every layer with one rank (LoraAdapter.stacks) whose
 buffers are one LoraModuleStack is written for all layers at once: two large copies
@@ -31,7 +32,7 @@ def write_adapter_to_slot(
     for module, weights in adapter.stacks.items():
         stack = _stack_of(buffers, module, len(weights.scalings))
         if stack is not None:
-            stack.write(slot, weights.lora_a, weights.lora_b, weights.scalings)
+            stack.write(slot, weights.lora_a, weights.lora_b, weights.scalings, weights.magnitudes)
             stacked.add(module)
     for key, module_buffers in buffers.items():
         if key[1] in stacked:
@@ -40,7 +41,7 @@ def write_adapter_to_slot(
         if weights is None:
             module_buffers.clear(slot)
         else:
-            module_buffers.write(slot, weights.lora_a, weights.lora_b, weights.scaling)
+            module_buffers.write(slot, weights.lora_a, weights.lora_b, weights.scaling, weights.magnitude)
 
 
 def _stack_of(
@@ -79,10 +80,10 @@ def check_buffers(
     for (layer, module), b in buffers.items():
         if (b.max_slots, b.max_rank) != (first.max_slots, first.max_rank):
             raise ValueError(f"LoRA buffers of ({layer}, {module}) differ in slots or rank")
-        if (b.in_features, b.out_features) != spec.module_shapes[module]:
+        if (b.in_features, b.out_features) != spec.serving_shape(module):
             raise ValueError(
                 f"LoRA buffers of ({layer}, {module}) are {b.in_features} -> {b.out_features}, "
-                f"the spec says {spec.module_shapes[module]}"
+                f"the spec says {spec.serving_shape(module)}"
             )
         if b.lora_a.dtype != dtype or b.lora_a.device.type != device.type:
             raise ValueError(

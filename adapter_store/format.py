@@ -6,10 +6,14 @@ An adapter directory holds
     adapter_model.safetensors    one lora_A / lora_B pair per adapted projection
 
 Tensors keep PEFT's layout:
-    lora_A.weight  [rank, in_features]
-    lora_B.weight  [out_features, rank]
+    lora_A.weight  [rank, in_features]    (lora_embedding_A of an embedding: [rank, vocab])
+    lora_B.weight  [out_features, rank]   (lora_embedding_B of an embedding: [hidden, rank])
+    lora_magnitude_vector  [out_features] (DoRA only)
 Semantics: y += scaling * (x @ lora_A.T) @ lora_B.T
            scaling = alpha / r, or alpha / sqrt(r) with rsLoRA
+           (an embedding's x is the one-hot row of each token id)
+DoRA (use_dora): y = m / ||W + scaling * lora_B @ lora_A||_row * (x @ W.T + LoRA delta) + bias,
+           with W the base weight [out, in]; the norm is per output row (see kernels/dora.py).
 
 Module names are PEFT's names inside the base model, e.g. `model.layers.3.self_attn.q_proj`:
 PEFT matches target_modules, rank_pattern and alpha_pattern before it wraps the model in
@@ -73,10 +77,10 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # path_initial_model_for_weight_conversion say `true` instead and load fine.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
+MODULES_TO_SAVE = "modules_to_save (whole trained copies of base modules)"
 # Config keys that, when set (truthy), select a PEFT feature loramux does not serve.
 _UNSUPPORTED_KEYS: tuple[tuple[str, str], ...] = (
-    ("use_dora", "DoRA"),
-    ("modules_to_save", "modules_to_save"),
+    ("modules_to_save", MODULES_TO_SAVE),
     ("lora_bias", "LoRA bias (lora_bias)"),
     ("target_parameters", "target_parameters"),
     ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
@@ -90,19 +94,27 @@ _UNSUPPORTED_KEYS: tuple[tuple[str, str], ...] = (
     ("kasa_config", "KaSA (kasa_config)"),
 )
 
-# `<prefix>layers.<i>.<block>.<proj>.lora_<A|B>[.default].weight`, where <prefix> is PEFT's
-# `base_model.model.model.` or a shorter variant other tools write.
+# `<prefix>layers.<i>.<block>.<proj>.<tensor>`, where <prefix> is PEFT's
+# `base_model.model.model.` or a shorter variant other tools write, and <tensor> is
+# lora_<A|B>[.default].weight or DoRA's lora_magnitude_vector[.default][.weight].
 _LORA_KEY = re.compile(
     r"(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>0|[1-9][0-9]*)\."
-    r"(?P<path>.+?)\.lora_(?P<factor>[AB])(?:\.default)?\.weight"
+    r"(?P<path>.+?)\.(?:lora_(?P<factor>[AB])(?:\.default)?\.weight"
+    r"|(?P<magnitude>lora_magnitude_vector)(?:\.default)?(?:\.weight)?)"
 )
+# The tensor part of a key of a module outside the layers (embed_tokens, lm_head) -> factor:
+# A / B (lora_embedding_A/B for an embedding), M (DoRA magnitude), W (a saved base copy).
+_OUTER_TENSOR = re.compile(
+    r"lora_(?P<factor>[AB])(?:\.default)?\.weight|lora_embedding_(?P<embedding>[AB])(?:\.default)?"
+    r"|(?P<magnitude>lora_magnitude_vector)(?:\.default)?(?:\.weight)?|(?P<base>base_layer\.weight)"
+    r"|(?P<whole>weight)"  # the module itself, replaced: how PEFT saves modules_to_save
+)
+MODEL_LEVEL = -1  # the "layer index" of modules outside the decoder layers (embed_tokens, lm_head)
 # Keys of PEFT features that are not plain LoRA on a projection: (pattern, feature).
 _UNSUPPORTED_KEY_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"lora_embedding_[AB]"), "embedding LoRA"),
-    (re.compile(r"lora_magnitude_vector"), "DoRA"),
     (re.compile(r"\.lora_[AB](?:\.default)?\.bias$"), "LoRA bias (lora_bias)"),
     (re.compile(r"trainable_tokens"), "trainable tokens (trainable_token_indices)"),
-    (re.compile(r"\.modules_to_save\."), "modules_to_save"),
+    (re.compile(r"\.modules_to_save\."), MODULES_TO_SAVE),
 )
 
 
@@ -143,6 +155,17 @@ class BaseModelSpec:
     layers_prefix: str = "model.layers"  # full name of the decoder layer list
     # full module names outside the layers that adapters may not target -> feature name
     refused_modules: Mapping[str, str] = field(default_factory=dict)
+    # modules outside the layers that adapters may target, served at layer MODEL_LEVEL:
+    # PEFT leaf name -> (in_features, out_features) as PEFT sees it (an embedding's in is
+    # the vocabulary: lora_embedding_A [r, vocab], lora_embedding_B [hidden, r])
+    outer_modules: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    outer_paths: Mapping[str, str] = field(default_factory=dict)  # leaf -> full name
+    embedding_modules: tuple[str, ...] = ()  # the outer modules that are embeddings
+    # outer module -> the outer module whose base weight it shares (tied embeddings: lm_head
+    # -> embed_tokens). PEFT's ensure_weight_tying then adapts it whenever the other is.
+    tied_modules: Mapping[str, str] = field(default_factory=dict)
+    # The serving model computes DoRA's weight norms from its base weights (kernels/dora.py)
+    supports_dora: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_layers, int) or self.num_layers < 1:
@@ -173,6 +196,16 @@ class BaseModelSpec:
         object.__setattr__(self, "packed_modules", MappingProxyType(packed))
         object.__setattr__(self, "all_linear", all_linear)
         object.__setattr__(self, "refused_modules", MappingProxyType(dict(self.refused_modules)))
+        outer = {name: (int(i), int(o)) for name, (i, o) in self.outer_modules.items()}
+        clash = [name for name in outer if name in shapes or name in packed or name not in self.outer_paths]
+        if clash or any(name not in outer for name in self.embedding_modules):
+            raise ValueError(f"outer modules {clash or list(self.embedding_modules)} need a path and a unique name")
+        object.__setattr__(self, "outer_modules", MappingProxyType(outer))
+        object.__setattr__(self, "outer_paths", MappingProxyType(dict(self.outer_paths)))
+        object.__setattr__(self, "embedding_modules", tuple(self.embedding_modules))
+        if any(a not in outer or b not in outer for a, b in self.tied_modules.items()):
+            raise ValueError(f"tied_modules {dict(self.tied_modules)} must name outer modules")
+        object.__setattr__(self, "tied_modules", MappingProxyType(dict(self.tied_modules)))
 
     def __hash__(self) -> int:  # MappingProxyType is unhashable; the spec is a fine cache key
         return hash(
@@ -182,24 +215,38 @@ class BaseModelSpec:
                 tuple(self.module_paths.items()),
                 tuple(self.packed_modules.items()),
                 self.layers_prefix,
+                tuple(self.outer_modules.items()),
+                tuple(self.outer_paths.items()),
+                tuple(self.tied_modules.items()),
+                self.supports_dora,
             )
         )
 
     def module_name(self, layer: int, module: str) -> str:
-        """PEFT's full name of a module, e.g. model.layers.3.self_attn.q_proj."""
+        """PEFT's full name of a module, e.g. model.layers.3.self_attn.q_proj (or lm_head)."""
+        if layer == MODEL_LEVEL:
+            return self.outer_paths[module]
         return f"{self.layers_prefix}.{layer}.{self.module_paths[module]}"
 
     def modules(self) -> Iterator[tuple[int, str]]:
-        """Every serving (layer_index, module_name), layer-major."""
+        """Every serving (layer_index, module_name), layer-major, then the outer modules
+        (embed_tokens, lm_head) at layer MODEL_LEVEL."""
         for layer in range(self.num_layers):
             for module in self.module_shapes:
                 yield layer, module
+        for module in self.outer_modules:
+            yield MODEL_LEVEL, module
+
+    def serving_shape(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of a serving module of the layers or an outer module."""
+        shape = self.module_shapes.get(module)
+        return shape if shape is not None else self.outer_modules[module]
 
     def peft_shape(self, module: str) -> tuple[int, int]:
         """(in_features, out_features) of a serving or packed module as PEFT sees it."""
         parts = self.packed_modules.get(module)
         if parts is None:
-            return self.module_shapes[module]
+            return self.serving_shape(module)
         return self.module_shapes[parts[0]][0], sum(self.module_shapes[p][1] for p in parts)
 
     def part_rows(self, packed: str, part: str) -> slice:
@@ -229,6 +276,8 @@ class LoraAdapterConfig:
     layers_pattern: tuple[str, ...] | None  # regexes naming the layer list; None: any
     base_model_name_or_path: str | None
     exclude_modules: tuple[str, ...] | str | None = None  # same forms as target_modules
+    use_dora: bool = False  # DoRA: every adapted module has a lora_magnitude_vector
+    ensure_weight_tying: bool = False  # PEFT ties lm_head's adapter to the embedding's
 
 
 @dataclass(frozen=True)
@@ -247,6 +296,7 @@ class LoraModuleWeights:
     lora_a: torch.Tensor  # [rank, in_features]  (PEFT's lora_A.weight)
     lora_b: torch.Tensor  # [out_features, rank] (PEFT's lora_B.weight)
     scaling: float  # alpha / r, or alpha / sqrt(r) with use_rslora (after rank/alpha_pattern)
+    magnitude: torch.Tensor | None = None  # fp32 [out_features]: DoRA's m, None for plain LoRA
 
 
 @dataclass(frozen=True, eq=False)
@@ -257,6 +307,7 @@ class StackedModuleWeights:
     lora_a: torch.Tensor  # [num_layers, rank, in_features]
     lora_b: torch.Tensor  # [num_layers, out_features, rank], a transposed view (see _read_weights)
     scalings: tuple[float, ...]  # [num_layers]
+    magnitudes: torch.Tensor | None = None  # fp32 [num_layers, out_features] (DoRA), else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -492,6 +543,8 @@ def _parse_config(f: _Fields) -> LoraAdapterConfig:
         layers_pattern=layers_pattern,
         base_model_name_or_path=f.optional_str("base_model_name_or_path"),
         exclude_modules=exclude_modules,
+        use_dora=f.bool_("use_dora", False),
+        ensure_weight_tying=f.bool_("ensure_weight_tying", False),
     )
 
 
@@ -523,8 +576,9 @@ def resolve_targets(
         alpha(n) = alpha_pattern[... same rule ...] else lora_alpha
         scaling(n) = alpha(n) / sqrt(rank(n)) if use_rslora else alpha(n) / rank(n)
 
-    Raises AdapterUnsupported when the embeddings or lm_head are targeted, and
-    AdapterInvalid when nothing of the base model is.
+    Raises AdapterUnsupported for what the model does not serve (a refused module, DoRA
+    where the model declares no support, DoRA on an embedding), and AdapterInvalid when
+    nothing of the base model is targeted.
     """
     matcher = PatternMatcher(adapter_id, path)  # one time budget for all of its matches
     targets = config.target_modules
@@ -538,27 +592,34 @@ def resolve_targets(
     for name, feature in spec.refused_modules.items():
         if _is_targeted(matcher, config, targets, name):
             raise AdapterUnsupported(adapter_id, path, feature, f"target_modules matches {name}")
+    if config.use_dora and not spec.supports_dora:
+        raise AdapterUnsupported(adapter_id, path, "DoRA", "this base model's serving code declares no DoRA support")
 
     resolved: dict[tuple[int, str], ModuleTarget] = {}
-    for layer in range(spec.num_layers):
-        for module in (*spec.module_shapes, *spec.packed_modules):
-            name = spec.module_name(layer, module)
-            if not _is_targeted(matcher, config, targets, name):
-                continue
-            rank = _pattern_value(matcher, "rank_pattern", config.rank_pattern, name, config.r)
-            alpha = _pattern_value(
-                matcher, "alpha_pattern", config.alpha_pattern, name, config.lora_alpha
-            )
-            scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-            parts = spec.packed_modules.get(module)
-            for part in parts or (module,):
-                if (layer, part) in resolved:
-                    raise AdapterInvalid(
-                        adapter_id,
-                        path,
-                        f"target_modules adapts both {name} and its part {spec.module_name(layer, part)}",
-                    )
-                resolved[(layer, part)] = ModuleTarget(rank, scaling, module if parts else None)
+    candidates = [
+        *((layer, module) for layer in range(spec.num_layers) for module in (*spec.module_shapes, *spec.packed_modules)),
+        *((MODEL_LEVEL, module) for module in spec.outer_modules),
+    ]
+    for layer, module in candidates:
+        name = spec.module_name(layer, module)
+        if not _is_targeted(matcher, config, targets, name) and not _tied_target(matcher, config, targets, spec, module):
+            continue
+        if layer == MODEL_LEVEL:
+            _check_outer_target(adapter_id, path, config, spec, module, name)
+        rank = _pattern_value(matcher, "rank_pattern", config.rank_pattern, name, config.r)
+        alpha = _pattern_value(
+            matcher, "alpha_pattern", config.alpha_pattern, name, config.lora_alpha
+        )
+        scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        parts = spec.packed_modules.get(module)
+        for part in parts or (module,):
+            if (layer, part) in resolved:
+                raise AdapterInvalid(
+                    adapter_id,
+                    path,
+                    f"target_modules adapts both {name} and its part {spec.module_name(layer, part)}",
+                )
+            resolved[(layer, part)] = ModuleTarget(rank, scaling, module if parts else None)
     # Layer-major in the spec's serving-module order, whatever matched first.
     order = {key: i for i, key in enumerate(spec.modules())}
     resolved = dict(sorted(resolved.items(), key=lambda item: order[item[0]]))
@@ -575,6 +636,27 @@ def resolve_targets(
             f"the base model ({', '.join(spec.module_shapes)} in {spec.num_layers} layers)",
         )
     return resolved
+
+
+def _tied_target(
+    matcher: PatternMatcher, config: LoraAdapterConfig, targets: tuple[str, ...] | str, spec: BaseModelSpec, module: str
+) -> bool:
+    """PEFT's ensure_weight_tying on tied embeddings: lm_head is adapted (with the embedding's
+    factors, transposed, which PEFT saves as lm_head's own) whenever embed_tokens is."""
+    source = spec.tied_modules.get(module)
+    return (
+        config.ensure_weight_tying
+        and source is not None
+        and _is_targeted(matcher, config, targets, spec.module_name(MODEL_LEVEL, source))
+    )
+
+
+def _check_outer_target(
+    adapter_id: str, path: str | Path | None, config: LoraAdapterConfig, spec: BaseModelSpec, module: str, name: str
+) -> None:
+    """Refuse what loramux does not serve on embed_tokens / lm_head."""
+    if config.use_dora and module in spec.embedding_modules:
+        raise AdapterUnsupported(adapter_id, path, "DoRA on an embedding", f"target_modules matches {name}")
 
 
 def _matches_names(
@@ -679,7 +761,7 @@ def load_adapter(
     )
 
     try:
-        modules, stacks = _read_weights(adapter_id, weights_path, spec, targets, dtype)
+        modules, stacks = _read_weights(adapter_id, weights_path, spec, targets, dtype, config.use_dora)
     except SafetensorError as e:
         raise AdapterInvalid(
             adapter_id, weights_path, f"not a valid safetensors file: {e}"
@@ -698,7 +780,10 @@ def load_adapter(
         config=config,
         modules=MappingProxyType(modules),
         max_rank=largest.rank,
-        num_bytes=sum(_nbytes(w.lora_a) + _nbytes(w.lora_b) for w in modules.values()),
+        num_bytes=sum(
+            _nbytes(w.lora_a) + _nbytes(w.lora_b) + (0 if w.magnitude is None else _nbytes(w.magnitude))
+            for w in modules.values()
+        ),
         stacks=MappingProxyType(stacks),
     )
 
@@ -709,6 +794,7 @@ def _read_weights(
     spec: BaseModelSpec,
     targets: Mapping[tuple[int, str], ModuleTarget],
     dtype: torch.dtype,
+    use_dora: bool,
 ) -> tuple[dict[tuple[int, str], LoraModuleWeights], dict[str, StackedModuleWeights]]:
     """(modules, stacks) as LoraAdapter holds them."""
 
@@ -720,7 +806,7 @@ def _read_weights(
     with safe_open(path, framework="pt", device="cpu") as f:
         # 1. Map every key to its (layer, module) and check dtype and shape from the header
         #    alone, so a wrong adapter is refused before any tensor data is read.
-        # (layer, PEFT module) -> {"A"|"B": key}; a packed module's tensors serve its parts
+        # (layer, PEFT module) -> {"A"|"B"|"M": key}; a packed module's tensors serve its parts
         sources = {(layer, t.packed or module): t for (layer, module), t in targets.items()}
         keys: dict[tuple[int, str], dict[str, str]] = {}
         names = f.keys()
@@ -738,6 +824,11 @@ def _read_weights(
             target = sources.get((layer, module))
             if target is None:
                 raise invalid(f"tensor {key!r} is for {name}, which target_modules does not target")
+            if factor == "M" and not use_dora:
+                raise invalid(f"tensor {key!r} is a DoRA magnitude, but adapter_config.json has no use_dora")
+            if factor == "W":
+                _check_base_copy(f, key, spec, module, invalid)
+                continue
             pair = keys.setdefault((layer, module), {})
             if factor in pair:
                 raise invalid(
@@ -752,11 +843,11 @@ def _read_weights(
                     f"tensor {key!r} has dtype {stored}, expected one of {', '.join(_FLOAT_DTYPES)}"
                 )
             in_features, out_features = spec.peft_shape(module)
-            expected, layout = (
-                ([target.rank, in_features], "[rank, in_features]")
-                if factor == "A"
-                else ([out_features, target.rank], "[out_features, rank]")
-            )
+            expected, layout = {
+                "A": ([target.rank, in_features], "[rank, in_features]"),
+                "B": ([out_features, target.rank], "[out_features, rank]"),
+                "M": ([out_features], "[out_features]"),
+            }[factor]
             shape = list(tensor_slice.get_shape())
             if shape != expected:
                 raise invalid(
@@ -765,10 +856,11 @@ def _read_weights(
                 )
 
         for layer, module in sources:
-            for factor in "AB":
+            for factor in "ABM" if use_dora else "AB":
                 if factor not in keys.get((layer, module), {}):
+                    what = "lora_magnitude_vector" if factor == "M" else f"lora_{factor}"
                     raise invalid(
-                        f"no lora_{factor} tensor for {spec.module_name(layer, module)}, "
+                        f"no {what} tensor for {spec.module_name(layer, module)}, "
                         "which target_modules targets"
                     )
 
@@ -790,6 +882,7 @@ def _read_weights(
                 # while reading the file).
                 torch.empty(spec.num_layers, rank, out_features, dtype=dtype).transpose(1, 2),
                 tuple(targets[(layer, module)].scaling for layer in range(spec.num_layers)),
+                torch.empty(spec.num_layers, out_features) if use_dora else None,
             )
             for module, (in_features, out_features) in spec.module_shapes.items()
             if (rank := _uniform_rank(targets, module, spec.num_layers)) is not None
@@ -803,23 +896,37 @@ def _read_weights(
             pair = keys[(layer, target.packed or module)]
             stored_a = stored.get(pair["A"])  # [rank, in_features]
             stored_b = stored.get(pair["B"])  # [out_features, rank] (of the packed module)
+            # DoRA's m stays fp32 whatever the serving dtype: the norms are fp32 (kernels/dora.py)
+            stored_m = stored.get(pair["M"]) if use_dora else None  # [out_features]
             if target.packed is not None:
-                stored_b = stored_b[spec.part_rows(target.packed, module)]
+                rows = spec.part_rows(target.packed, module)
+                stored_b = stored_b[rows]
+                stored_m = None if stored_m is None else stored_m[rows]
             stack = stacks.get(module)
+            magnitude = None
             if stack is None:
                 lora_a = stored_a.to(dtype, copy=True)
                 lora_b = stored_b.to(dtype, copy=True)
                 sums += (lora_a.sum(dtype=accumulate), lora_b.sum(dtype=accumulate))
+                if stored_m is not None:
+                    magnitude = stored_m.to(torch.float32, copy=True)
+                    sums.append(magnitude.sum())
             else:
                 lora_a = stack.lora_a[layer].copy_(stored_a)
                 lora_b = stack.lora_b[layer].copy_(stored_b)
+                if stored_m is not None:
+                    magnitude = stack.magnitudes[layer].copy_(stored_m)
             read += ((pair["A"], lora_a), (pair["B"], lora_b))
-            modules[(layer, module)] = LoraModuleWeights(lora_a, lora_b, target.scaling)
+            if magnitude is not None:
+                read.append((pair["M"], magnitude))
+            modules[(layer, module)] = LoraModuleWeights(lora_a, lora_b, target.scaling, magnitude)
         for stack in stacks.values():
             sums += (stack.lora_a.sum(dtype=accumulate), stack.lora_b.sum(dtype=accumulate))
+            if stack.magnitudes is not None:
+                sums.append(stack.magnitudes.sum())
         if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
             for key, tensor in read:
-                _check_finite(f, key, tensor, dtype, invalid)
+                _check_finite(f, key, tensor, tensor.dtype, invalid)
         # 4. The store folds each scaling into lora_B in `dtype`: refuse what overflows.
         for module, stack in stacks.items():
             check_scaled_lora_b(stack.lora_b, stack.scalings, f"{module} in every layer", invalid)
@@ -844,10 +951,16 @@ def _uniform_rank(
 def _parse_tensor_key(
     adapter_id: str, path: Path, key: str, spec: BaseModelSpec
 ) -> tuple[int, str, str]:
-    """(layer_index, module_name, "A" | "B") of a safetensors key, or a typed error."""
+    """(layer_index, module_name, factor) of a safetensors key, or a typed error.
+
+    factor: "A" / "B" (the LoRA factors), "M" (DoRA's magnitude) or "W" (the copy of an
+    embedding or lm_head base weight PEFT saves beside its adapter)."""
     for pattern, feature in _UNSUPPORTED_KEY_PATTERNS:
         if pattern.search(key):
             raise AdapterUnsupported(adapter_id, path, feature, f"tensor {key!r}")
+    outer = _parse_outer_key(adapter_id, path, key, spec)
+    if outer is not None:
+        return outer
     for name, feature in spec.refused_modules.items():
         # PEFT's key of a module outside the layers: <prefix>.<name>.lora_A.weight, or the
         # saved layer itself (<prefix>.<name>.weight) when the embeddings were resized.
@@ -863,6 +976,7 @@ def _parse_tensor_key(
             f"'base_model.model.{spec.layers_prefix}.<i>.<block>.<proj>.lora_A.weight' or lora_B",
         )
     layer = int(match.group("layer"))
+    factor = "M" if match.group("magnitude") else match.group("factor")
     module = match.group("path").rsplit(".", 1)[-1]
     if spec.module_paths.get(module) != match.group("path") or not (
         module in spec.module_shapes or module in spec.packed_modules
@@ -880,7 +994,47 @@ def _parse_tensor_key(
             path,
             f"tensor {key!r} is for layer {layer}, but the base model has {spec.num_layers} layers",
         )
-    return layer, module, match.group("factor")
+    return layer, module, factor
+
+
+def _parse_outer_key(
+    adapter_id: str, path: Path, key: str, spec: BaseModelSpec
+) -> tuple[int, str, str] | None:
+    """(MODEL_LEVEL, module, factor) of a key of an outer module (embed_tokens, lm_head), or
+    None when the key names none of them."""
+    for module, full_name in spec.outer_paths.items():
+        prefix = next((p for p in ("base_model.model." + full_name + ".", full_name + ".") if key.startswith(p)), None)
+        if prefix is None:
+            continue
+        match = _OUTER_TENSOR.fullmatch(key[len(prefix) :])
+        embedding = module in spec.embedding_modules
+        if match is None or (match.group("factor") and embedding) or (match.group("embedding") and not embedding):
+            expected = "lora_embedding_A / lora_embedding_B" if embedding else "lora_A.weight / lora_B.weight"
+            raise AdapterInvalid(adapter_id, path, f"unexpected tensor {key!r}; {full_name} takes {expected}")
+        if match.group("whole"):
+            raise AdapterUnsupported(adapter_id, path, MODULES_TO_SAVE, f"tensor {key!r} replaces {full_name}")
+        if match.group("magnitude"):
+            return MODEL_LEVEL, module, "M"
+        if match.group("base"):
+            return MODEL_LEVEL, module, "W"
+        return MODEL_LEVEL, module, match.group("factor") or match.group("embedding")
+    return None
+
+
+def _check_base_copy(f: Any, key: str, spec: BaseModelSpec, module: str, invalid: Callable[[str], AdapterInvalid]) -> None:
+    """PEFT saves embed_tokens' / lm_head's base weight beside their adapter
+    (save_embedding_layers="auto"). A copy of the base model's shape is the base weight,
+    frozen while the adapter trained, and is not read; another shape means a resized
+    vocabulary, which the shared base model cannot serve."""
+    in_features, out_features = spec.serving_shape(module)
+    # nn.Embedding's weight is [num_embeddings, dim] = [in, out]; nn.Linear's is [out, in]
+    expected = [in_features, out_features] if module in spec.embedding_modules else [out_features, in_features]
+    shape = list(f.get_slice(key).get_shape())
+    if shape != expected:
+        raise invalid(
+            f"tensor {key!r} has shape {shape}, but the base model's {spec.outer_paths[module]} is "
+            f"{expected}: adapters that resize the vocabulary are not supported"
+        )
 
 
 def _check_finite(

@@ -190,11 +190,11 @@ class Describer:
             self.dtype,
         )
         num_bytes = sum(
-            t.rank * sum(spec.module_shapes[module]) * self._elem
+            t.rank * sum(spec.serving_shape(module)) * self._elem
             for (_, module), t in targets.items()
         )
         adapted = {module for _, module in targets}
-        names = tuple(m for m in spec.module_shapes if m in adapted)
+        names = tuple(m for m in (*spec.module_shapes, *spec.outer_modules) if m in adapted)
         return largest.rank, names, num_bytes
 
 
@@ -210,6 +210,8 @@ def _serving_key(config: LoraAdapterConfig) -> tuple:
         config.layers_to_transform,
         config.layers_pattern,
         config.exclude_modules,
+        config.use_dora,
+        config.ensure_weight_tying,
     )
 
 

@@ -58,3 +58,22 @@ def add_lora_per_token(
                 delta = h @ buffers.lora_b[slot, :rank].float() * token_scales[t]
                 y[t, offset : offset + buffers.out_features] += delta.to(y.dtype)
             offset += buffers.out_features
+
+
+def apply_dora_per_token(
+    y: torch.Tensor,  # [num_tokens, sum of slice widths]
+    bias: torch.Tensor | None,  # [sum of slice widths]
+    slices: Sequence[LoraModuleBuffers],
+    token_slots: Sequence[int],
+) -> None:
+    """kernels/dora.py's semantics one token at a time: a DoRA slot's rows are rescaled by
+    its factor around the bias; plain LoRA slots and base tokens are left as they are."""
+    for t, slot in enumerate(token_slots):
+        offset = 0
+        for buffers in slices:
+            width = buffers.out_features
+            if slot != NO_ADAPTER and buffers.dora_host[slot]:
+                row = y[t, offset : offset + width].float()
+                b = 0.0 if bias is None else bias[offset : offset + width].float()
+                y[t, offset : offset + width] = (buffers.dora_scale[slot] * (row - b) + b).to(y.dtype)
+            offset += width

@@ -125,7 +125,7 @@ def generate_static(runner, requests: list[Request], num_steps: int) -> dict[str
             )
         )
         hidden = runner.forward(step)
-        logits = runner.model.compute_logits(hidden[step.sample_rows])
+        logits = runner.sample_logits(step, hidden)
         for row, index in enumerate(step.sample_indices):
             request = step.requests[index]
             logits_by_request[request.request_id].append(logits[row])

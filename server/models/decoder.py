@@ -13,10 +13,14 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from loramux.adapter_store.format import MODEL_LEVEL
 from loramux.kernels.attention.backend import AttentionBackend, AttentionLayer
 from loramux.kernels.backend import LoraBackend
 from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.dora import apply_dora
+from loramux.kernels.embedding_lora import add_embedding_lora, step_adapts
 from loramux.kernels.logits import lm_head_logits
+from loramux.kernels.metadata import LoraBatchInfo
 from loramux.server.models.layers import lora_linear, rms_norm, rotate
 from loramux.server.models.protocol import ForwardBatch
 from loramux.server.models.spec import ModelSpec
@@ -28,6 +32,10 @@ LORA_GROUPS: dict[str, tuple[str, ...]] = {
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
 }
+# The modules outside the layers that adapters may target (PEFT leaf names); their buffers
+# sit at layer MODEL_LEVEL in lora_buffers().
+EMBED_MODULE = "embed_tokens"
+HEAD_MODULE = "lm_head"
 
 
 @dataclass
@@ -69,12 +77,18 @@ class DecoderModel:
         lora: list[LayerLora] | None,
         lora_backend: LoraBackend,
         attention_backend: AttentionBackend,
+        outer_lora: dict[str, LoraModuleBuffers] | None = None,  # EMBED_MODULE / HEAD_MODULE
     ) -> None:
         self.spec = spec
         self.weights = weights
         device, dtype = weights.embed.device, weights.embed.dtype
         self.rope = {key: (cos.to(device, dtype), sin.to(device, dtype)) for key, (cos, sin) in rope.items()}
         self.lora = lora
+        self.outer_lora = outer_lora or {}
+        embed = self.outer_lora.get(EMBED_MODULE)
+        self.embed_lora = embed
+        # One tuple made once: backends key per-projection tables on the slices they get.
+        self.head_lora = (self.outer_lora[HEAD_MODULE],) if HEAD_MODULE in self.outer_lora else None
         self.lora_backend = lora_backend
         self.attention_backend = attention_backend
         self.act = ACT2FN[spec.hidden_act]
@@ -94,12 +108,13 @@ class DecoderModel:
     def lora_buffers(self) -> dict[tuple[int, str], LoraModuleBuffers]:
         if self.lora is None:
             return {}
-        return {
+        layers = {
             (i, name): buffers
             for i, layer in enumerate(self.lora)
             for group, slices in layer.items()
             for name, buffers in zip(LORA_GROUPS[group], slices)
         }
+        return {**layers, **{(MODEL_LEVEL, name): buffers for name, buffers in self.outer_lora.items()}}
 
     @torch.inference_mode()
     def forward(
@@ -109,7 +124,10 @@ class DecoderModel:
     ) -> torch.Tensor:  # [num_tokens, hidden], after the final norm
         spec = self.spec
         hidden = F.embedding(batch.input_ids, self.weights.embed)  # [T, hidden]
-        if spec.embed_scale is not None:
+        embed_lora = self.embed_lora
+        if embed_lora is not None and batch.lora.has_adapters and step_adapts((embed_lora,), batch.lora):
+            add_embedding_lora(hidden, batch.input_ids, embed_lora, batch.lora)
+        if spec.embed_scale is not None:  # scales the adapter's delta too, as peft does
             hidden = hidden * torch.tensor(spec.embed_scale, dtype=hidden.dtype)
         # Each rotary table gathered once per step: [T, 1, head_dim]
         rope = {
@@ -166,9 +184,20 @@ class DecoderModel:
         return hidden + out
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] final-normed rows -> fp32 logits [n, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, lora: LoraBatchInfo | None = None) -> torch.Tensor:
+        """[n, hidden] final-normed rows -> fp32 logits [n, vocab].
+
+        `lora` maps the rows to adapter slots for lm_head adapters (None: base logits). Only
+        when one of those slots adapts lm_head is the backend planned for these rows (after
+        the step's forward, which no longer needs its own plan)."""
         logits = lm_head_logits(hidden, self.weights.lm_head)  # bf16: its top candidates exact
+        head = self.head_lora
+        if lora is not None and head is not None and lora.has_adapters and step_adapts(head, lora):
+            delta = torch.zeros(logits.shape, dtype=hidden.dtype, device=hidden.device)  # [n, vocab]
+            self.lora_backend.prepare(lora)
+            self.lora_backend.add_lora(delta, hidden, head, lora)
+            logits += delta
+            apply_dora(logits, None, head, lora)
         cap = self.spec.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -17,6 +17,7 @@ import torch
 from transformers import PretrainedConfig
 
 from loramux.adapter_store.format import BaseModelSpec
+from loramux.server.models.decoder import EMBED_MODULE, HEAD_MODULE
 from loramux.server.models.layers import rope_table
 from loramux.server.models.spec import ModelSpec, ModelUnsupported
 
@@ -30,10 +31,23 @@ LLAMA_MODULE_PATHS = {
     "up_proj": "mlp.up_proj",
     "down_proj": "mlp.down_proj",
 }
-# Modules outside the layers that adapters may not target (yet), by PEFT full name.
-REFUSED_MODULES = {"model.embed_tokens": "embedding LoRA", "lm_head": "lm_head LoRA"}
+# Modules outside the layers that adapters may target: PEFT leaf name -> full name.
+OUTER_MODULE_PATHS = {EMBED_MODULE: "model.embed_tokens", HEAD_MODULE: "lm_head"}
 FULL_ROPE = "full"  # key of the rotary table of full-attention layers
 SLIDING_ROPE = "sliding"
+
+
+def outer_module_spec(spec_sizes: dict) -> dict:
+    """The BaseModelSpec fields of embed_tokens and lm_head LoRA (and DoRA), which every
+    family's decoder serves the same way (decoder.py)."""
+    vocab, hidden = spec_sizes["vocab_size"], spec_sizes["hidden_size"]
+    return dict(
+        outer_modules={EMBED_MODULE: (vocab, hidden), HEAD_MODULE: (hidden, vocab)},
+        outer_paths=OUTER_MODULE_PATHS,
+        embedding_modules=(EMBED_MODULE,),
+        tied_modules={HEAD_MODULE: EMBED_MODULE} if spec_sizes["tie_word_embeddings"] else {},
+        supports_dora=True,
+    )
 
 
 def serving_module_shapes(spec_sizes: dict) -> dict[str, tuple[int, int]]:
@@ -117,7 +131,7 @@ class DecoderFamily:
             num_layers=sizes["num_layers"],
             module_shapes=serving_module_shapes(sizes),
             module_paths=LLAMA_MODULE_PATHS,
-            refused_modules=REFUSED_MODULES,
+            **outer_module_spec(sizes),
         )
 
     # ------------------------------------------------------------------ checkpoint mapping

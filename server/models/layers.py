@@ -11,6 +11,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from loramux.kernels.backend import LoraBackend
 from loramux.kernels.buffers import LoraModuleBuffers
+from loramux.kernels.dora import apply_dora
 from loramux.kernels.metadata import LoraBatchInfo
 from loramux.server.models.spec import ModelUnsupported
 
@@ -28,10 +29,12 @@ def lora_linear(
     backend: LoraBackend,
     info: LoraBatchInfo,
 ) -> torch.Tensor:  # [T, out_features]
-    """y = x @ W.T + b, plus each token's adapter delta into its column slices."""
+    """y = x @ W.T + b, plus each token's adapter delta into its column slices (rescaled
+    per token for DoRA adapters: kernels/dora.py)."""
     y = F.linear(x, weight, bias)
     if lora is not None:
         backend.add_lora(y, x, lora, info)
+        apply_dora(y, bias, lora, info)
     return y
 
 

@@ -15,8 +15,15 @@ from safetensors import safe_open
 
 from loramux.kernels.attention.backend import AttentionBackend, select_attention_backend
 from loramux.kernels.backend import LoraBackend
-from loramux.kernels.buffers import LoraModuleStack
-from loramux.server.models.decoder import LORA_GROUPS, DecoderModel, LayerLora, LayerWeights, ModelWeights
+from loramux.kernels.buffers import LoraModuleBuffers, LoraModuleStack
+from loramux.server.models.decoder import (
+    HEAD_MODULE,
+    LORA_GROUPS,
+    DecoderModel,
+    LayerLora,
+    LayerWeights,
+    ModelWeights,
+)
 from loramux.server.models.family import DecoderFamily
 from loramux.server.models.registry import family_for
 from loramux.server.models.spec import ModelSpec, ModelUnsupported, load_hf_config
@@ -87,17 +94,30 @@ def _load_weights(table: _TensorTable, family: DecoderFamily, spec: ModelSpec) -
 
 
 def _lora_buffers(
-    spec: ModelSpec, max_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
-) -> list[LayerLora]:
+    spec: ModelSpec, weights: ModelWeights, max_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+) -> tuple[list[LayerLora], dict[str, LoraModuleBuffers]]:
+    """(per layer: group -> slot buffers, outer module -> slot buffers). Every buffer that
+    DoRA may target sees its base weight: the rows of its fused matmul it feeds."""
     # One stack per serving module: a slot of all layers is one strided region (adapter writes).
     stacks = {
         name: LoraModuleStack(spec.num_layers, max_slots, max_rank, *shape, dtype, device)
         for name, shape in spec.adapter_spec.module_shapes.items()
     }
-    return [
-        {group: tuple(stacks[name].layers[i] for name in names) for group, names in LORA_GROUPS.items()}
-        for i in range(spec.num_layers)
-    ]
+    layers: list[LayerLora] = []
+    for i, layer_weights in enumerate(weights.layers):
+        layer = {group: tuple(stacks[name].layers[i] for name in names) for group, names in LORA_GROUPS.items()}
+        for group, slices in layer.items():
+            fused = getattr(layer_weights, group)  # [sum of slice widths, in_features]
+            for buffers, rows in zip(slices, fused.split([b.out_features for b in slices])):
+                buffers.base_weight = rows
+        layers.append(layer)
+    outer = {
+        name: LoraModuleBuffers(max_slots, max_rank, *shape, dtype, device)
+        for name, shape in spec.adapter_spec.outer_modules.items()
+    }
+    if HEAD_MODULE in outer:  # tied or not, lm_head's own weight [vocab, hidden]
+        outer[HEAD_MODULE].base_weight = weights.lm_head
+    return layers, outer
 
 
 def load_model(
@@ -127,6 +147,8 @@ def load_model(
     if leftovers:
         raise ModelUnsupported(f"unexpected tensors in {model_dir}: {', '.join(sorted(leftovers)[:5])}")
     rope = family.rope_tables(config, spec)
-    lora = _lora_buffers(spec, max_lora_slots, max_lora_rank, dtype, device) if max_lora_slots > 0 else None
+    lora, outer_lora = (
+        _lora_buffers(spec, weights, max_lora_slots, max_lora_rank, dtype, device) if max_lora_slots > 0 else (None, None)
+    )
     attention = attention_backend or select_attention_backend(device)
-    return DecoderModel(spec, weights, rope, lora, backend, attention)
+    return DecoderModel(spec, weights, rope, lora, backend, attention, outer_lora)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from loramux.adapter_store.format import BaseModelSpec
-from loramux.server.models.family import LLAMA_MODULE_PATHS, REFUSED_MODULES, DecoderFamily, serving_module_shapes
+from loramux.server.models.family import LLAMA_MODULE_PATHS, DecoderFamily, outer_module_spec, serving_module_shapes
 from loramux.server.models.spec import ModelSpec
 
 PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -31,7 +31,7 @@ class Phi3Family(DecoderFamily):
             module_paths={**LLAMA_MODULE_PATHS, "qkv_proj": "self_attn.qkv_proj", "gate_up_proj": "mlp.gate_up_proj"},
             packed_modules=PACKED_MODULES,
             all_linear=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-            refused_modules=REFUSED_MODULES,
+            **outer_module_spec(sizes),
         )
 
     def layer_tensors(self, spec: ModelSpec, i: int) -> dict[str, list[str]]:

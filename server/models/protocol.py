@@ -42,6 +42,7 @@ class ServingModel(Protocol):
     ) -> torch.Tensor:  # [num_tokens, hidden], after the final norm
         ...
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] final-normed rows -> fp32 logits [n, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, lora: LoraBatchInfo | None = None) -> torch.Tensor:
+        """[n, hidden] final-normed rows -> fp32 logits [n, vocab]; `lora` (the rows' slots)
+        adds lm_head adapters."""
         ...

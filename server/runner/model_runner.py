@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramux.kernels.metadata import NO_ADAPTER, build_lora_batch_info
+from loramux.kernels.metadata import NO_ADAPTER, LoraBatchInfo, build_lora_batch_info
 from loramux.scheduler.output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from loramux.scheduler.request import BASE_SLOT, Request
 from loramux.server.models.protocol import ForwardBatch, ServingModel
@@ -29,6 +29,7 @@ class PreparedStep:
     row_starts: list[int]  # [num_requests] first row of each request
     sample_indices: list[int]  # indices into `requests` that get a new token this step
     sample_rows: torch.Tensor  # int64 [num_sampled]: the last row of each of those
+    sample_lora: LoraBatchInfo  # the sampled rows' adapter slots (lm_head adapters)
 
 
 def allocate_kv_caches(
@@ -79,6 +80,8 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         device = self.model.device
         lora = build_lora_batch_info([_slot(r) for r in requests], num_tokens, device=device)
+        sample_slots = [_slot(requests[i]) for i in sample_indices]
+        sample_lora = build_lora_batch_info(sample_slots, [1] * len(sample_slots), device=device)
         attention = self.model.attention_backend.build_metadata(
             [r.num_computed_tokens for r in requests],
             num_tokens,
@@ -100,12 +103,22 @@ class ModelRunner:
             row_starts=row_starts,
             sample_indices=sample_indices,
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=device),
+            sample_lora=sample_lora,
         )
 
     def forward(self, step: PreparedStep) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the whole step."""
         self.model.lora_backend.prepare(step.batch.lora)  # once per step, before any layer
         return self.model.forward(step.batch, self.kv_caches)
+
+    def compute_logits(self, rows: torch.Tensor, lora: LoraBatchInfo) -> torch.Tensor:
+        """fp32 logits [n, vocab] of final hidden rows [n, hidden] whose slots `lora` gives
+        (lm_head adapters apply)."""
+        return self.model.compute_logits(rows, lora)
+
+    def sample_logits(self, step: PreparedStep, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [num_sampled, vocab] of the rows this step samples from."""
+        return self.compute_logits(hidden[step.sample_rows], step.sample_lora)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.sampler.forget(
@@ -118,7 +131,7 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(step, hidden)
         if not step.sample_indices:
             return ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden[step.sample_rows])  # [num_sampled, vocab]
+        logits = self.sample_logits(step, hidden)  # [num_sampled, vocab]
         to_sample = [step.requests[i] for i in step.sample_indices]
         try:
             tokens, logprobs = self.sampler.sample(logits, to_sample)
@@ -164,7 +177,8 @@ class ModelRunner:
                 result[request.request_id] = []
                 continue
             rows = hidden[step.row_starts[index] : step.row_starts[index] + (end - start)]
-            logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+            lora = build_lora_batch_info([_slot(request)], [len(rows)], device=rows.device)
+            logprobs = torch.log_softmax(self.compute_logits(rows, lora), dim=-1)
             targets = request.all_token_ids[start + 1 : end + 1]
             result[request.request_id] = [token_logprobs(row, t, top) for row, t in zip(logprobs, targets)]
         return result

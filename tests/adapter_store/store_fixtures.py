@@ -98,10 +98,15 @@ def make_buffers(
             module: LoraModuleStack(spec.num_layers, max_slots, max_rank, *shape, dtype, "cpu")
             for module, shape in spec.module_shapes.items()
         }
-        return {(layer, module): stacks[module].layers[layer] for layer, module in spec.modules()}
+        return {
+            (layer, module): stacks[module].layers[layer]
+            if module in stacks
+            else LoraModuleBuffers(max_slots, max_rank, *spec.serving_shape(module), dtype, "cpu")
+            for layer, module in spec.modules()
+        }
     return {
         (layer, module): LoraModuleBuffers(
-            max_slots, max_rank, *spec.module_shapes[module], dtype, "cpu"
+            max_slots, max_rank, *spec.serving_shape(module), dtype, "cpu"
         )
         for layer, module in spec.modules()
     }

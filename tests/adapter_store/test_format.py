@@ -372,16 +372,13 @@ CONFIG_INVALID = {
 }
 CONFIG_UNSUPPORTED = {
     "peft-type": (_config(peft_type="IA3"), "non-LoRA PEFT type 'IA3'"),
-    "dora": (_config(use_dora=True), "DoRA"),
     "modules-to-save": (_config(modules_to_save=["score"]), "modules_to_save"),
     "bias-all": (_config(bias="all"), "bias != 'none'"),
     "lora-bias": (_config(lora_bias=True), "lora_bias"),
     "target-parameters": (_config(target_parameters=["mlp.down_proj"]), "target_parameters"),
     "trainable-tokens": (_config(trainable_token_indices=[1, 2]), "trainable tokens"),
     "pissa": (_config(init_lora_weights="pissa_niter_4"), "pissa_niter_4"),
-    "embed-target": (_config(target_modules=["q_proj", "embed_tokens"]), "embedding LoRA"),
-    "lm-head-target": (_config(target_modules=["q_proj", "lm_head"]), "lm_head LoRA"),
-    "lm-head-regex": (_config(target_modules=r".*(q_proj|lm_head)"), "lm_head LoRA"),
+    "embed-dora": (_config(target_modules=["q_proj", "embed_tokens"], use_dora=True), "DoRA on an embedding"),
 }
 WEIGHTS_INVALID = {
     "truncated": (_weights_bytes(lambda b: b[:-20]), "not a valid safetensors file"),
@@ -400,17 +397,26 @@ WEIGHTS_INVALID = {
     "int-dtype": (_with(**{_q_a(): torch.zeros(4, 64, dtype=torch.int32)}), "dtype I32"),
     "nan": (_with(**{_q_a(): torch.full((4, 64), float("nan"))}), "NaN or inf"),
     "inf": (_with(**{_q_b(1): torch.zeros(64, 4).fill_diagonal_(float("inf"))}), "NaN or inf"),
+    "dora-no-magnitude": (_config(use_dora=True), "no lora_magnitude_vector tensor for model.layers.0"),
+    "magnitude-without-dora": (
+        _with(**{_q_a().replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(64)}),
+        "DoRA magnitude, but adapter_config.json has no use_dora",
+    ),
+    "embedding-untargeted": (
+        _with(**{"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 128)}),
+        "model.embed_tokens, which target_modules does not target",
+    ),
+    "lm-head-untargeted": (_with(**{"base_model.model.lm_head.lora_A.weight": _A}), "lm_head, which target_modules"),
+    "embedding-linear-keys": (
+        _with(**{"base_model.model.model.embed_tokens.lora_A.weight": _A}),
+        "model.embed_tokens takes lora_embedding_A / lora_embedding_B",
+    ),
 }
 WEIGHTS_UNSUPPORTED = {
-    "embedding-tensors": (
-        _with(**{"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 128)}),
-        "embedding LoRA",
+    "modules-to-save-tensors": (
+        _with(**{"base_model.model.lm_head.modules_to_save.default.weight": torch.zeros(128, 64)}),
+        "modules_to_save",
     ),
-    "dora-tensors": (
-        _with(**{_q_a().replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(64)}),
-        "DoRA",
-    ),
-    "lm-head-tensors": (_with(**{"base_model.model.lm_head.lora_A.weight": _A}), "lm_head LoRA"),
     "lora-bias-tensors": (
         _with(**{_q_b().replace("weight", "bias"): torch.zeros(64)}),
         "lora_bias",
@@ -480,7 +486,6 @@ def test_refusals(base_adapter, tmp_path, spec, case, monkeypatch):
         "targets-bad-regex",
         "regex-with-layers",
         "peft-type",
-        "dora",
         "modules-to-save",
         "bias-all",
         "pissa",
@@ -563,3 +568,66 @@ def test_spec_takes_the_modules_the_model_declares():
             module_paths={"c_attn": "attn.c_attn", "qkv": "attn.qkv"},
             packed_modules={"qkv": ("q", "k")},
         )
+
+
+# --------------------------------------------------------------------------- DoRA, embed_tokens, lm_head
+
+
+def test_dora_and_vocab_modules_load_like_peft(make_adapter, spec):
+    """DoRA magnitudes (fp32) and lora_embedding_A/B / lm_head factors as peft holds them."""
+    directory, peft_model = make_adapter(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens", "lm_head"], use_dora=False
+    )
+    adapter = load_adapter(ID, directory, spec, max_rank=MAX_RANK)
+    embed = peft_model.base_model.model.model.embed_tokens
+    head = peft_model.base_model.model.lm_head
+    assert torch.equal(adapter.modules[(-1, "embed_tokens")].lora_a, embed.lora_embedding_A["default"].detach())
+    assert torch.equal(adapter.modules[(-1, "embed_tokens")].lora_b, embed.lora_embedding_B["default"].detach())
+    assert torch.equal(adapter.modules[(-1, "lm_head")].lora_b, head.lora_B["default"].weight.detach())
+    assert list(adapter.modules)[-2:] == [(-1, "embed_tokens"), (-1, "lm_head")]  # after the layers
+
+    directory, peft_model = make_adapter("dora", r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], use_dora=True)
+    adapter = load_adapter(ID, directory, spec, max_rank=MAX_RANK, dtype=torch.bfloat16)
+    q = peft_model.base_model.model.model.layers[1].self_attn.q_proj
+    weights = adapter.modules[(1, "q_proj")]
+    assert weights.lora_a.dtype == torch.bfloat16 and weights.magnitude.dtype == torch.float32
+    assert torch.equal(weights.magnitude, q.lora_magnitude_vector["default"].weight.detach())
+    assert adapter.stacks["q_proj"].magnitudes.shape == (2, 64)  # every layer: stacked too
+    assert adapter.modules[(-1, "lm_head")].magnitude.shape == (128,)
+    assert adapter.config.use_dora and adapter.modules[(0, "q_proj")].magnitude is not None
+
+
+def test_modules_to_save_is_refused_with_a_clear_message(make_adapter, spec, tmp_path):
+    """A peft adapter with modules_to_save carries whole trained copies of base modules,
+    which one shared base model cannot serve: refused at registration and at load."""
+    directory, _ = make_adapter(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    for read in (lambda: read_adapter_config(ID, directory), lambda: load_adapter(ID, directory, spec, MAX_RANK)):
+        with pytest.raises(AdapterUnsupported) as info:
+            read()
+        assert "modules_to_save" in info.value.feature and "whole trained copies" in str(info.value)
+        assert "modules_to_save=['lm_head']" in str(info.value)
+    # The tensors alone (a config that does not say so) are refused too.
+    _set_config(directory, modules_to_save=...)
+    with pytest.raises(AdapterUnsupported, match="modules_to_save"):
+        load_adapter(ID, directory, spec, MAX_RANK)
+
+
+def test_resized_vocabulary_is_refused(make_adapter, spec):
+    """PEFT saves the base embedding beside an embedding adapter; another vocabulary size
+    means a resized model."""
+    directory, _ = make_adapter(r=4, lora_alpha=8, target_modules=["embed_tokens"])
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in load_file(directory / WEIGHTS_NAME)
+    load_adapter(ID, directory, spec, MAX_RANK)  # the base copy of the right shape is accepted
+    _edit_tensors(directory, lambda t: {**t, key: torch.zeros(130, 64)})
+    with pytest.raises(AdapterInvalid, match="resize the vocabulary"):
+        load_adapter(ID, directory, spec, MAX_RANK)
+
+
+def test_dora_needs_a_model_that_declares_it(make_adapter, spec):
+    directory, _ = make_adapter(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    plain_spec = BaseModelSpec(
+        num_layers=spec.num_layers, module_shapes=spec.module_shapes, module_paths=spec.module_paths
+    )
+    with pytest.raises(AdapterUnsupported, match="declares no DoRA support"):
+        load_adapter(ID, directory, plain_spec, MAX_RANK)

@@ -210,6 +210,12 @@ BAD_UPLOADS = {
                      None, AdapterInvalid, "shape"),
     "not_safetensors": (None, b"garbage", AdapterInvalid, "safetensors"),
     "dora": (_DORA, None, AdapterUnsupported, "DoRA"),
+    "modules_to_save": (
+        b'{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}',
+        None,
+        AdapterUnsupported,
+        "modules_to_save (whole trained copies of base modules)",
+    ),
 }
 
 

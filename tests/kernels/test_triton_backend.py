@@ -193,3 +193,14 @@ def test_runner_forward_matches_torch_backend(tmp_path, triton_device):
     assert triton.paths == ["sgmv"] + ["bgmv"] * (NUM_STEPS - 1)  # prefill, then decodes
     for request_id, logits in expected.items():
         torch.testing.assert_close(torch.stack(ours[request_id]).cpu(), torch.stack(logits).cpu(), atol=1e-4, rtol=0)
+
+
+def test_dora_and_vocab_adapters_through_triton(tmp_path, triton_device):
+    """DoRA (rescale after the Triton LoRA delta), embed_tokens and lm_head adapters, mixed
+    with plain LoRA and base requests: the Triton backend serves them as peft computes them."""
+    from tests.models.peft_batch import assert_matches_peft
+    from tests.models.test_adapter_kinds import run_batch
+
+    requests, ours, peft, model = run_batch(tmp_path, "llama", "triton", device=triton_device)
+    assert model.lora_backend.name == "triton"
+    assert_matches_peft(requests, ours, peft)

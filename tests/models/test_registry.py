@@ -24,7 +24,10 @@ def test_adapter_spec_is_the_family_declaration():
     assert spec.num_layers == 2
     assert spec.module_shapes["k_proj"] == (64, 32) and spec.module_shapes["down_proj"] == (96, 64)
     assert spec.module_name(1, "gate_proj") == "model.layers.1.mlp.gate_proj"
-    assert "lm_head" in spec.refused_modules
+    # embed_tokens and lm_head adapters are declared by the family, as shapes PEFT sees
+    assert spec.outer_modules == {"embed_tokens": (128, 64), "lm_head": (64, 128)}
+    assert spec.module_name(-1, "embed_tokens") == "model.embed_tokens" and spec.embedding_modules == ("embed_tokens",)
+    assert spec.supports_dora
 
 
 def test_unsupported_rope_feature_is_named(tmp_path):

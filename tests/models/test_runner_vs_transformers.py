@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from peft import PeftModel
 
-from loramux.adapter_store.device_slots import write_adapter_to_slot
-from loramux.adapter_store.format import load_adapter
 from loramux.kernels.backend import select_backend
 from loramux.scheduler.request import BASE_SLOT, Request
 from loramux.scheduler.sampling_params import SamplingParams
 from loramux.server.models.loader import load_model
 from loramux.server.runner.model_runner import ModelRunner
-from tests.peft_adapters import AdapterRecipe, make_peft_adapter
+from tests.models.peft_batch import assert_matches_peft, serve_batch
+from tests.peft_adapters import family_recipes
 from tests.tiny_models import FAMILY_KINDS, generate_static, save_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [40]]
@@ -46,42 +42,6 @@ def test_base_forward_matches_transformers(tmp_path, kind):
         assert request.output_token_ids == ref.argmax(-1).tolist()
 
 
-RECIPES = [
-    AdapterRecipe("all-r8", r=8, seed=1, b_std=0.1),
-    AdapterRecipe("qv-r4", r=4, target_modules=["q_proj", "v_proj"], seed=2, b_std=0.1),
-    AdapterRecipe(
-        "pattern-r16",
-        r=16,
-        target_modules=r".*\.(k_proj|o_proj|down_proj)",
-        rank_pattern={"down_proj": 2},
-        alpha_pattern={"o_proj": 3.0},
-        seed=3,
-        b_std=0.1,
-    ),
-    AdapterRecipe("rslora-mlp", r=6, target_modules=["gate_proj", "up_proj"], use_rslora=True, seed=4, b_std=0.1),
-    AdapterRecipe(
-        "layer1-only", r=5, target_modules=["q_proj", "down_proj"], layers_to_transform=[1], lora_alpha=7.5, seed=5, b_std=0.1
-    ),
-]
-
-
-def family_recipes(kind: str) -> list[AdapterRecipe]:
-    """RECIPES in the module names of the family's checkpoint (Phi-3 packs q/k/v and gate/up)."""
-    if kind != "phi3":
-        return RECIPES
-    packed = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-
-    def rename(targets):
-        if isinstance(targets, str):
-            return targets.replace("k_proj", "qkv_proj")
-        return sorted({packed.get(t, t) for t in targets})
-
-    return [
-        dataclasses.replace(r, target_modules=rename(r.target_modules)) if r.target_modules != "all-linear" else r
-        for r in RECIPES
-    ]
-
-
 @pytest.mark.parametrize(
     "kind,backend_name", [("llama", "cpu"), *((kind, "torch") for kind in FAMILY_KINDS)]
 )
@@ -89,46 +49,13 @@ def test_mixed_adapter_batch_matches_peft(tmp_path, kind, backend_name):
     """Adapters of different ranks and target sets plus base requests share one batch."""
     hf = save_tiny_model(tmp_path / "base", kind)
     recipes = family_recipes(kind)
-    adapter_dirs = [make_peft_adapter(hf, recipe, tmp_path / "adapters") for recipe in recipes]
-    backend = select_backend(torch.device("cpu"), torch.float32, tmp_path / "kcache", backend_name)
-    model = load_model(tmp_path / "base", backend, max_lora_slots=len(recipes) + 1, max_lora_rank=16)
-    spec = model.spec.base_model_spec()
-    slots = {}
-    for slot, (recipe, directory) in enumerate(zip(recipes, adapter_dirs), start=1):
-        adapter = load_adapter(recipe.name, directory, spec, max_rank=16)
-        write_adapter_to_slot(model.lora_buffers(), slot, adapter)
-        slots[recipe.name] = slot
-    runner = ModelRunner(model, num_kv_blocks=128, block_size=4)
     # Each adapter twice (different prompts) and base twice, interleaved on purpose.
-    plan = [(name, p) for p in (PROMPTS[0], PROMPTS[2]) for name in [*slots, None]]
-    requests = [
-        Request(
-            f"r{i}",
-            list(prompt),
-            SamplingParams(max_tokens=NUM_STEPS, temperature=0),
-            adapter_id=name,
-            adapter_slot=slots[name] if name else BASE_SLOT,
-        )
-        for i, (name, prompt) in enumerate(plan)
-    ]
-    ours = generate_static(runner, requests, NUM_STEPS)
-
-    peft = PeftModel.from_pretrained(hf, adapter_dirs[0], adapter_name=recipes[0].name)
-    for recipe, directory in zip(recipes[1:], adapter_dirs[1:]):
-        peft.load_adapter(directory, adapter_name=recipe.name)
-    peft.eval()
-    base_outputs = {}
-    for request in requests:
-        if request.adapter_id is None:
-            with peft.disable_adapter():
-                ref = reference_logits(peft, request.all_token_ids, request.num_prompt_tokens)
-            base_outputs[tuple(request.prompt_token_ids)] = request.output_token_ids
-        else:
-            peft.set_adapter(request.adapter_id)
-            ref = reference_logits(peft, request.all_token_ids, request.num_prompt_tokens)
-        torch.testing.assert_close(torch.stack(ours[request.request_id]), ref, atol=1e-4, rtol=0)
-        assert request.output_token_ids == ref.argmax(-1).tolist()
+    requests, ours, peft, _ = serve_batch(
+        hf, tmp_path / "base", tmp_path, recipes, [PROMPTS[0], PROMPTS[2]], backend_name, max_rank=16, num_steps=NUM_STEPS
+    )
+    assert_matches_peft(requests, ours, peft)
     # The adapters are strong enough to change what the model says.
+    base_outputs = {tuple(r.prompt_token_ids): r.output_token_ids for r in requests if r.adapter_id is None}
     changed = [
         r.request_id for r in requests if r.adapter_id and r.output_token_ids != base_outputs[tuple(r.prompt_token_ids)]
     ]

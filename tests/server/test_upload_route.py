@@ -129,9 +129,13 @@ def test_pickled_weights_alone_get_a_clear_400(app, spools):
          422, "lora_alpha"),
         (files_form("x", {"adapter_config.json": b"{}", "adapter_model.safetensors": bytes(MAX_UPLOAD + 1)}), 413,
          "limit"),
+        (files_form("x", {**good_files(), "adapter_config.json": json.dumps({"r": 4, "lora_alpha": 8,
+                                                                             "target_modules": ["q_proj"],
+                                                                             "modules_to_save": ["lm_head"]}).encode()}),
+         422, "unsupported feature: modules_to_save (whole trained copies of base modules)"),
         ({"content": b"{}", "headers": {"content-type": "application/json"}}, 400, "multipart/form-data"),
     ],
-    ids=["missing", "tar-xz", "corrupt-zip", "absurd-alpha", "too-large", "not-multipart"],
+    ids=["missing", "tar-xz", "corrupt-zip", "absurd-alpha", "too-large", "modules-to-save", "not-multipart"],
 )
 def test_refusals_close_the_form(app, spools, kwargs, status, words):
     r = post(app, **kwargs)
