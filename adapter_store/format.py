@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loramux.adapter_store.cpu_arena import BlockCarver, HostAlloc, fresh_alloc
 from loramux.adapter_store.errors import (
     AdapterInvalid,
     AdapterNotFound,
@@ -642,8 +643,11 @@ def load_adapter(
     spec: BaseModelSpec,
     max_rank: int,
     dtype: torch.dtype = torch.float32,
+    alloc: HostAlloc = fresh_alloc,
 ) -> LoraAdapter:
     """Read config and safetensors weights, check them against `spec`, convert to `dtype`.
+
+    All the weights live in one block from `alloc` (the CPU tier's arena in the store).
 
     Raises AdapterNotFound, AdapterInvalid, AdapterTooLarge (a rank > max_rank) or
     AdapterUnsupported; never a raw JSON / safetensors / OS error.
@@ -679,7 +683,7 @@ def load_adapter(
     )
 
     try:
-        modules, stacks = _read_weights(adapter_id, weights_path, spec, targets, dtype)
+        modules, stacks = _read_weights(adapter_id, weights_path, spec, targets, dtype, alloc)
     except SafetensorError as e:
         raise AdapterInvalid(
             adapter_id, weights_path, f"not a valid safetensors file: {e}"
@@ -709,8 +713,9 @@ def _read_weights(
     spec: BaseModelSpec,
     targets: Mapping[tuple[int, str], ModuleTarget],
     dtype: torch.dtype,
+    alloc: HostAlloc,
 ) -> tuple[dict[tuple[int, str], LoraModuleWeights], dict[str, StackedModuleWeights]]:
-    """(modules, stacks) as LoraAdapter holds them."""
+    """(modules, stacks) as LoraAdapter holds them, all in one block from `alloc`."""
 
     def invalid(reason: str) -> AdapterInvalid:
         return AdapterInvalid(adapter_id, path, reason)
@@ -781,34 +786,48 @@ def _read_weights(
         #    inf, so one reduction per tensor or stack (no temporaries) and one check at the
         #    end prove every value finite; only when that fails (a bad value, or a sum that
         #    overflowed) are the tensors checked one by one, in order.
-        stacks = {
-            module: StackedModuleWeights(
-                torch.empty(spec.num_layers, rank, in_features, dtype=dtype),
-                # [num_layers, out_features, rank] as PEFT has it, stored as the transpose of
-                # a contiguous [num_layers, rank, out_features]: the device buffers' layout,
-                # so a CPU -> device load is a straight copy (the transpose is paid once,
-                # while reading the file).
-                torch.empty(spec.num_layers, rank, out_features, dtype=dtype).transpose(1, 2),
-                tuple(targets[(layer, module)].scaling for layer in range(spec.num_layers)),
-            )
-            for module, (in_features, out_features) in spec.module_shapes.items()
-            if (rank := _uniform_rank(targets, module, spec.num_layers)) is not None
-        }
-        modules: dict[tuple[int, str], LoraModuleWeights] = {}
-        read: list[tuple[str, torch.Tensor]] = []  # (key, tensor in `dtype`), in read order
-        sums: list[torch.Tensor] = []
-        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
         stored = SafetensorsViews(path)  # safe_open has validated the header
+        views: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         for (layer, module), target in targets.items():
             pair = keys[(layer, target.packed or module)]
             stored_a = stored.get(pair["A"])  # [rank, in_features]
             stored_b = stored.get(pair["B"])  # [out_features, rank] (of the packed module)
             if target.packed is not None:
                 stored_b = stored_b[spec.part_rows(target.packed, module)]
+            views[(layer, module)] = stored_a, stored_b
+        stack_shapes = {
+            # [num_layers, out_features, rank] as PEFT has it, stored as the transpose of
+            # a contiguous [num_layers, rank, out_features]: the device buffers' layout,
+            # so a CPU -> device load is a straight copy (the transpose is paid once,
+            # while reading the file).
+            module: ((spec.num_layers, rank, in_features), (spec.num_layers, rank, out_features))
+            for module, (in_features, out_features) in spec.module_shapes.items()
+            if (rank := _uniform_rank(targets, module, spec.num_layers)) is not None
+        }
+        single = [key for key in targets if key[1] not in stack_shapes]
+        planned = [(shape, dtype) for pair in stack_shapes.values() for shape in pair] + [
+            (tuple(t.shape), dtype) for key in single for t in views[key]
+        ]
+        carver = BlockCarver(alloc(BlockCarver.nbytes(planned)))
+        stacks = {
+            module: StackedModuleWeights(
+                carver.take(a_shape, dtype),
+                carver.take(b_shape, dtype).transpose(1, 2),
+                tuple(targets[(layer, module)].scaling for layer in range(spec.num_layers)),
+            )
+            for module, (a_shape, b_shape) in stack_shapes.items()
+        }
+        modules: dict[tuple[int, str], LoraModuleWeights] = {}
+        read: list[tuple[str, torch.Tensor]] = []  # (key, tensor in `dtype`), in read order
+        sums: list[torch.Tensor] = []
+        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+        for (layer, module), target in targets.items():
+            pair = keys[(layer, target.packed or module)]
+            stored_a, stored_b = views[(layer, module)]
             stack = stacks.get(module)
             if stack is None:
-                lora_a = stored_a.to(dtype, copy=True)
-                lora_b = stored_b.to(dtype, copy=True)
+                lora_a = carver.take(stored_a.shape, dtype).copy_(stored_a)
+                lora_b = carver.take(stored_b.shape, dtype).copy_(stored_b)
                 sums += (lora_a.sum(dtype=accumulate), lora_b.sum(dtype=accumulate))
             else:
                 lora_a = stack.lora_a[layer].copy_(stored_a)
