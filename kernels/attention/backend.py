@@ -11,11 +11,13 @@ go through SDPA in all of them. No layer branches on the backend.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
+from loramux.kernels.staging import DeviceUpload
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,19 @@ class AttentionBackend(Protocol):
         device: torch.device,
     ) -> Any:
         """The step's metadata, built once and read by every layer."""
+        ...
+
+    def stage_metadata(
+        self,
+        seq_starts: Sequence[int],
+        seq_num_tokens: Sequence[int],
+        seq_block_ids: Sequence[Sequence[int]],
+        block_size: int,
+        windows: Sequence[int],
+        upload: DeviceUpload,
+    ) -> Callable[[], Any]:
+        """build_metadata around the step's one copy: stage host tensors in `upload`; the
+        returned function builds the metadata after `upload.send()`."""
         ...
 
     def forward(

@@ -12,13 +12,15 @@ Semantics per query token at position i of a sequence (context positions j <= i)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from loramux.kernels.attention.backend import AttentionLayer
+from loramux.kernels.staging import DeviceUpload
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,24 @@ def build_paged_metadata(
     device: torch.device,
     decode_gather: bool = True,
 ) -> PagedAttentionMetadata:
-    """Index tensors are computed on the host and sent in one copy; masks derive on device.
+    """The step's metadata with a copy of its own (stage_paged_metadata shares the step's)."""
+    upload = DeviceUpload(device)
+    finish = stage_paged_metadata(seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, upload, decode_gather)
+    upload.send()
+    return finish()
+
+
+def stage_paged_metadata(
+    seq_starts: Sequence[int],
+    seq_num_tokens: Sequence[int],
+    seq_block_ids: Sequence[Sequence[int]],
+    block_size: int,
+    windows: Sequence[int],
+    upload: DeviceUpload,
+    decode_gather: bool = True,
+) -> Callable[[], PagedAttentionMetadata]:
+    """Index tensors are computed on the host and staged in `upload` (the step's one copy);
+    the returned function builds the metadata after `upload.send()`, masks on the device.
 
     decode_gather=False leaves out the decodes' per-position gather indices and masks
     (O(decodes x context) host work per step) for kernels that read the block tables."""
@@ -104,13 +123,27 @@ def build_paged_metadata(
             real = positions[None, :] < context_lens[:, None]  # [B, max_ctx]
             # Padding positions read block 0 and are masked out.
             pieces.append(torch.where(real, _flat_indices(tables, positions, block_size), 0).flatten())
-    sizes = [p.numel() for p in pieces]
-    on_device = torch.cat(pieces).to(device).split(sizes)  # the step's one host-to-device copy
+    handles = [upload.add(p) for p in pieces]
+    return functools.partial(
+        _finish_paged_metadata, upload, handles, decode_rows, max_ctx, prefill_specs, windows, decode_gather
+    )
 
+
+def _finish_paged_metadata(
+    upload: DeviceUpload,
+    handles: list[int],
+    decode_rows: list[int],
+    max_ctx: int,
+    prefill_specs: list[tuple[int, int, int, int]],
+    windows: Sequence[int],
+    decode_gather: bool,
+) -> PagedAttentionMetadata:
+    device = upload.device
+    on_device = [upload.get(h) for h in handles]
     decode = None
     if decode_rows:
         num_decodes = len(decode_rows)
-        first = len(pieces) - (4 if decode_gather else 3)
+        first = len(on_device) - (4 if decode_gather else 3)
         rows, context_lens, tables = on_device[first : first + 3]
         decode = DecodeGroup(rows=rows, context_lens=context_lens, block_tables=tables.view(num_decodes, -1))
         if decode_gather:
@@ -177,6 +210,11 @@ class TorchPagedAttention:
     def build_metadata(self, seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, device):
         return build_paged_metadata(
             seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, device, self.decode_gather
+        )
+
+    def stage_metadata(self, seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, upload):
+        return stage_paged_metadata(
+            seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, upload, self.decode_gather
         )
 
     def forward(
