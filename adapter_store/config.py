@@ -27,9 +27,10 @@ class AdapterStoreConfig:
     upload_root: Path | None = None
     # Bytes of adapter weights (serving dtype) kept in CPU RAM, LRU by bytes.
     cpu_cache_bytes: int = 4 << 30
-    # CPU-tier memory faulted in ahead of the loads (beyond the highest block in use) while
-    # the loader is idle, so a cold load never pays page faults (cpu_arena.py); 0: pages
-    # fault in on first use. Memory once faulted in is recycled, never returned.
+    # At most this much CPU-tier memory is faulted in ahead of the loads (beyond the highest
+    # block in use; up to 32 adapters of the largest size) while the loader is idle, so a
+    # cold load never pays page faults (cpu_arena.py); 0: pages fault in on first use.
+    # Memory once faulted in is recycled, never returned.
     cpu_prefault_bytes: int = 512 << 20
     # Cap on one upload's files together (adapter_config.json + adapter_model.safetensors).
     max_upload_bytes: int = 1 << 30

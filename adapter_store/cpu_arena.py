@@ -53,6 +53,7 @@ class ArenaStats:
     capacity_bytes: int
     used_bytes: int  # in live blocks (cached adapters, and any still referenced elsewhere)
     faulted_bytes: int  # [0, faulted_bytes) of the mapping is faulted in (or written)
+    prefault_target_bytes: int  # where prefault_step stops (it moves with the highest block)
     num_allocations: int
     num_recycled: int  # allocations served entirely from memory faulted in before
     num_unfaulted: int  # allocations that reached past the faulted part (fresh pages)
@@ -167,6 +168,7 @@ class CpuArena:
                 self.capacity_bytes,
                 self._used,
                 self._faulted,
+                self.prefault_target(),
                 self._num_allocations,
                 self._num_recycled,
                 self._num_unfaulted,

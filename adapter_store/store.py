@@ -76,6 +76,7 @@ from loramux.kernels.buffers import LoraModuleBuffers
 log = logging.getLogger(__name__)
 
 _LIST_CHUNK = 256  # list() takes the lock per this many adapters, not for all of them
+PREFAULT_LOADS = 32  # adapters of the largest size whose memory is faulted in ahead
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,14 @@ class AdapterStore:
         self._install_lock = threading.Lock()
         self._registry = Registry()
         self._describer = Describer(spec, self.max_rank, dtype)
-        # The arena holds the CPU tier plus the one adapter the loader has in hand.
+        # The arena holds the CPU tier plus the one adapter the loader has in hand; it is
+        # faulted in ahead for a burst of cold loads of the largest adapter, at most
+        # cpu_prefault_bytes (a store of small adapters faults in little).
+        max_adapter = _max_adapter_bytes(spec, self.max_rank, dtype)
         self._arena = (
             CpuArena(
-                config.cpu_cache_bytes + _max_adapter_bytes(spec, self.max_rank, dtype),
-                config.cpu_prefault_bytes,
+                config.cpu_cache_bytes + max_adapter,
+                min(config.cpu_prefault_bytes, PREFAULT_LOADS * max_adapter),
             )
             if config.cpu_cache_bytes > 0
             else None

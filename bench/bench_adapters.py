@@ -205,8 +205,7 @@ def measure_loads(model_dir: Path, source: Path, root: Path, settings: Settings)
 def wait_for_prefault(store: AdapterStore, timeout_s: float = 120.0) -> None:
     """Until the loader has faulted in the CPU tier's memory ahead (it does while idle)."""
     deadline = time.monotonic() + timeout_s
-    target = min(store.arena_stats().capacity_bytes, store.config.cpu_prefault_bytes)
-    while store.arena_stats().faulted_bytes < target:
+    while (arena := store.arena_stats()).faulted_bytes < arena.prefault_target_bytes:
         if time.monotonic() > deadline:
             raise SystemExit("the store's loader did not fault in the CPU tier's memory in time")
         time.sleep(0.01)

@@ -190,3 +190,16 @@ def test_no_cpu_tier_means_no_arena(tmp_path):
 def test_config_refuses_a_negative_prefault():
     with pytest.raises(AdapterStoreConfigError, match="cpu_prefault_bytes"):
         AdapterStoreConfig(cpu_prefault_bytes=-1)
+
+
+def test_a_store_of_small_adapters_faults_in_little(tmp_path):
+    """The window faulted in ahead is sized by the largest adapter the slots take (32 of
+    them), capped by cpu_prefault_bytes: a 1 GiB tier of tiny adapters faults in ~2 MiB."""
+    write_adapter(tmp_path, "a")
+    store = make_store(tmp_path, cpu_cache_bytes=1 << 30).start(run_loader=False)
+    while store._loader_step():
+        pass
+    arena = store.arena_stats()
+    assert arena.capacity_bytes > 1 << 30
+    assert arena.faulted_bytes == arena.prefault_target_bytes < 4 * MIB
+    store.close()
