@@ -75,7 +75,7 @@ golden: install model
 	$(BIN)/python -m tests.golden.run_golden --families
 
 bench-engine: install model
-	$(BIN)/python -m bench.bench_engine
+	$(BIN)/python -m bench.bench_engine $(BENCH_ARGS)
 
 bench-continuous: install model
 	$(BIN)/python -m bench.bench_continuous

@@ -27,6 +27,11 @@ class AdapterStoreConfig:
     upload_root: Path | None = None
     # Bytes of adapter weights (serving dtype) kept in CPU RAM, LRU by bytes.
     cpu_cache_bytes: int = 4 << 30
+    # At most this much CPU-tier memory is faulted in ahead of the loads (beyond the highest
+    # block in use; up to 32 adapters of the largest size) while the loader is idle, so a
+    # cold load never pays page faults (cpu_arena.py); 0: pages fault in on first use.
+    # Memory once faulted in is recycled, never returned.
+    cpu_prefault_bytes: int = 512 << 20
     # Cap on one upload's files together (adapter_config.json + adapter_model.safetensors).
     max_upload_bytes: int = 1 << 30
     # Uploads handled at once; one more is answered 429 at once (each may hold up to
@@ -53,6 +58,7 @@ class AdapterStoreConfig:
             object.__setattr__(self, "upload_root", Path(self.upload_root))
         object.__setattr__(self, "pinned", _ids(self.pinned))
         _check(self.cpu_cache_bytes >= 0, "cpu_cache_bytes must be >= 0")
+        _check(self.cpu_prefault_bytes >= 0, "cpu_prefault_bytes must be >= 0")
         _check(self.max_upload_bytes >= 1, "max_upload_bytes must be >= 1")
         _check(self.max_concurrent_uploads >= 1, "max_concurrent_uploads must be >= 1")
         _check(

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loramux.adapter_store.cpu_arena import BlockCarver, HostAlloc, fresh_alloc
 from loramux.adapter_store.errors import (
     AdapterInvalid,
     AdapterNotFound,
@@ -724,8 +725,11 @@ def load_adapter(
     spec: BaseModelSpec,
     max_rank: int,
     dtype: torch.dtype = torch.float32,
+    alloc: HostAlloc = fresh_alloc,
 ) -> LoraAdapter:
     """Read config and safetensors weights, check them against `spec`, convert to `dtype`.
+
+    All the weights live in one block from `alloc` (the CPU tier's arena in the store).
 
     Raises AdapterNotFound, AdapterInvalid, AdapterTooLarge (a rank > max_rank) or
     AdapterUnsupported; never a raw JSON / safetensors / OS error.
@@ -761,7 +765,7 @@ def load_adapter(
     )
 
     try:
-        modules, stacks = _read_weights(adapter_id, weights_path, spec, targets, dtype, config.use_dora)
+        modules, stacks = _read_weights(adapter_id, weights_path, spec, targets, dtype, config.use_dora, alloc)
     except SafetensorError as e:
         raise AdapterInvalid(
             adapter_id, weights_path, f"not a valid safetensors file: {e}"
@@ -795,8 +799,9 @@ def _read_weights(
     targets: Mapping[tuple[int, str], ModuleTarget],
     dtype: torch.dtype,
     use_dora: bool,
+    alloc: HostAlloc,
 ) -> tuple[dict[tuple[int, str], LoraModuleWeights], dict[str, StackedModuleWeights]]:
-    """(modules, stacks) as LoraAdapter holds them."""
+    """(modules, stacks) as LoraAdapter holds them, all in one block from `alloc`."""
 
     def invalid(reason: str) -> AdapterInvalid:
         return AdapterInvalid(adapter_id, path, reason)
@@ -873,25 +878,9 @@ def _read_weights(
         #    inf, so one reduction per tensor or stack (no temporaries) and one check at the
         #    end prove every value finite; only when that fails (a bad value, or a sum that
         #    overflowed) are the tensors checked one by one, in order.
-        stacks = {
-            module: StackedModuleWeights(
-                torch.empty(spec.num_layers, rank, in_features, dtype=dtype),
-                # [num_layers, out_features, rank] as PEFT has it, stored as the transpose of
-                # a contiguous [num_layers, rank, out_features]: the device buffers' layout,
-                # so a CPU -> device load is a straight copy (the transpose is paid once,
-                # while reading the file).
-                torch.empty(spec.num_layers, rank, out_features, dtype=dtype).transpose(1, 2),
-                tuple(targets[(layer, module)].scaling for layer in range(spec.num_layers)),
-                torch.empty(spec.num_layers, out_features) if use_dora else None,
-            )
-            for module, (in_features, out_features) in spec.module_shapes.items()
-            if (rank := _uniform_rank(targets, module, spec.num_layers)) is not None
-        }
-        modules: dict[tuple[int, str], LoraModuleWeights] = {}
-        read: list[tuple[str, torch.Tensor]] = []  # (key, tensor in `dtype`), in read order
-        sums: list[torch.Tensor] = []
-        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
         stored = SafetensorsViews(path)  # safe_open has validated the header
+        # (layer, module) -> (A [rank, in], B [out, rank], DoRA m [out] or None): views of the file
+        views: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for (layer, module), target in targets.items():
             pair = keys[(layer, target.packed or module)]
             stored_a = stored.get(pair["A"])  # [rank, in_features]
@@ -902,14 +891,49 @@ def _read_weights(
                 rows = spec.part_rows(target.packed, module)
                 stored_b = stored_b[rows]
                 stored_m = None if stored_m is None else stored_m[rows]
+            views[(layer, module)] = stored_a, stored_b, stored_m
+        stack_shapes = {
+            # [num_layers, out_features, rank] as PEFT has it, stored as the transpose of
+            # a contiguous [num_layers, rank, out_features]: the device buffers' layout,
+            # so a CPU -> device load is a straight copy (the transpose is paid once,
+            # while reading the file).
+            module: ((spec.num_layers, rank, in_features), (spec.num_layers, rank, out_features))
+            for module, (in_features, out_features) in spec.module_shapes.items()
+            if (rank := _uniform_rank(targets, module, spec.num_layers)) is not None
+        }
+        single = [key for key in targets if key[1] not in stack_shapes]
+        planned = [(shape, dtype) for pair in stack_shapes.values() for shape in pair] + [
+            (tuple(t.shape), dtype) for key in single for t in views[key][:2]
+        ]
+        if use_dora:
+            planned += [((shape[0], shape[2]), torch.float32) for _, shape in stack_shapes.values()]
+            planned += [(tuple(views[key][2].shape), torch.float32) for key in single]
+        carver = BlockCarver(alloc(BlockCarver.nbytes(planned)))
+        # Carving order does not matter: every tensor takes its own aligned piece of the block.
+        stacks = {
+            module: StackedModuleWeights(
+                carver.take(a_shape, dtype),
+                carver.take(b_shape, dtype).transpose(1, 2),
+                tuple(targets[(layer, module)].scaling for layer in range(spec.num_layers)),
+                carver.take((b_shape[0], b_shape[2]), torch.float32) if use_dora else None,
+            )
+            for module, (a_shape, b_shape) in stack_shapes.items()
+        }
+        modules: dict[tuple[int, str], LoraModuleWeights] = {}
+        read: list[tuple[str, torch.Tensor]] = []  # (key, tensor as loaded), in read order
+        sums: list[torch.Tensor] = []
+        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+        for (layer, module), target in targets.items():
+            pair = keys[(layer, target.packed or module)]
+            stored_a, stored_b, stored_m = views[(layer, module)]
             stack = stacks.get(module)
             magnitude = None
             if stack is None:
-                lora_a = stored_a.to(dtype, copy=True)
-                lora_b = stored_b.to(dtype, copy=True)
+                lora_a = carver.take(stored_a.shape, dtype).copy_(stored_a)
+                lora_b = carver.take(stored_b.shape, dtype).copy_(stored_b)
                 sums += (lora_a.sum(dtype=accumulate), lora_b.sum(dtype=accumulate))
                 if stored_m is not None:
-                    magnitude = stored_m.to(torch.float32, copy=True)
+                    magnitude = carver.take(stored_m.shape, torch.float32).copy_(stored_m)
                     sums.append(magnitude.sum())
             else:
                 lora_a = stack.lora_a[layer].copy_(stored_a)

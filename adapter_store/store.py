@@ -2,6 +2,7 @@
 
     disk    every registered adapter (config read, weights not)      registry.py
     CPU     validated weights in the serving dtype, LRU by bytes       cpu_cache.py
+            (memory: one arena, faulted in ahead, recycled)            cpu_arena.py
     device  the model's stacked LoRA buffers, `num_slots` slots         slots.py
 
 The store implements the scheduler's `AdapterResidency` (scheduler/residency.py): the
@@ -39,11 +40,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from loramux.adapter_store.config import AdapterStoreConfig, AdapterStoreConfigError
+from loramux.adapter_store.cpu_arena import ALIGN, ArenaStats, CpuArena
 from loramux.adapter_store.cpu_cache import CpuCache
 from loramux.adapter_store.device_slots import check_buffers
 from loramux.adapter_store.errors import (
@@ -73,6 +76,7 @@ from loramux.kernels.buffers import LoraModuleBuffers
 log = logging.getLogger(__name__)
 
 _LIST_CHUNK = 256  # list() takes the lock per this many adapters, not for all of them
+PREFAULT_LOADS = 32  # adapters of the largest size whose memory is faulted in ahead
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,9 @@ class AdapterStore:
         dtype: torch.dtype,
         device: torch.device | str,
         *,
-        load_fn: LoadFn = load_adapter,  # injectable: tests slow or fail loads with it
+        # Injectable: tests slow or fail loads with it. None: format.load_adapter into the
+        # CPU tier's arena (an injected one allocates its own memory).
+        load_fn: LoadFn | None = None,
         on_load: Callable[[LoadEvent], None] | None = None,  # each load, on the loader thread
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -106,7 +112,6 @@ class AdapterStore:
         self.device = torch.device(device)
         self.max_slots, self.max_rank = check_buffers(buffers, spec, dtype, self.device)
         self._buffers = buffers
-        self._load_fn = load_fn
         self._on_load = on_load
         self._clock = clock
 
@@ -115,7 +120,20 @@ class AdapterStore:
         self._install_lock = threading.Lock()
         self._registry = Registry()
         self._describer = Describer(spec, self.max_rank, dtype)
-        self._cpu = CpuCache(config.cpu_cache_bytes, make_policy(config.eviction_policy))
+        # The arena holds the CPU tier plus the one adapter the loader has in hand; it is
+        # faulted in ahead for a burst of cold loads of the largest adapter, at most
+        # cpu_prefault_bytes (a store of small adapters faults in little).
+        max_adapter = _max_adapter_bytes(spec, self.max_rank, dtype)
+        self._arena = (
+            CpuArena(
+                config.cpu_cache_bytes + max_adapter,
+                min(config.cpu_prefault_bytes, PREFAULT_LOADS * max_adapter),
+            )
+            if config.cpu_cache_bytes > 0
+            else None
+        )
+        self._cpu = CpuCache(config.cpu_cache_bytes, make_policy(config.eviction_policy), self._arena)
+        self._load_fn: LoadFn = load_fn or partial(load_adapter, alloc=self._allocate)
         self._slots: SlotTable[AdapterEntry] = SlotTable(
             self.max_slots, make_policy(config.eviction_policy)
         )
@@ -151,7 +169,7 @@ class AdapterStore:
             self.pin_permanent(adapter_id)
         if run_loader:
             self._loader = LoaderThread(
-                self._step, self._cond, lambda: self._wakeups, self._idle_timeout
+                self._loader_step, self._cond, lambda: self._wakeups, self._idle_timeout
             )
             self._loader.start()
         return self
@@ -420,7 +438,9 @@ class AdapterStore:
             area.check_case_unique(adapter_id)  # early: before the validation's cost
             # Full validation before the upload becomes visible; the weights it read (in
             # the serving dtype) go to the CPU tier, so the first use skips the disk.
-            adapter = load_adapter(adapter_id, staging, self.spec, self.max_rank, self.dtype)
+            adapter = load_adapter(
+                adapter_id, staging, self.spec, self.max_rank, self.dtype, alloc=self._allocate
+            )
             description, error = self._describer.describe_or_error(adapter_id, staging)
             if error is not None:
                 raise error
@@ -548,6 +568,22 @@ class AdapterStore:
         entry.queued = entry.loading = False
         if self._held is not None and self._held.entry is entry:
             self._held = None
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        """The block for an adapter being read (any thread): from the CPU tier's arena."""
+        with self._lock:
+            return self._cpu.allocate(nbytes)
+
+    def arena_stats(self) -> ArenaStats | None:
+        """The CPU tier's memory: bytes in use and faulted in, recycled allocations."""
+        return self._arena.stats() if self._arena is not None else None
+
+    def _loader_step(self) -> bool:
+        """The loader thread's unit of work: a load step, or else (nothing to load now)
+        faulting in the next chunk of the CPU tier's memory ahead of the next loads."""
+        if self._step():
+            return True
+        return self._arena is not None and self._arena.prefault_step()
 
     def _step(self) -> bool:
         """One unit of loader work: read the head of the queue, or write it into a slot.
@@ -688,3 +724,10 @@ class AdapterStore:
         leases = self._slots.refs(entry.slot) if entry.slot is not None else 0
         pinned = entry.adapter_id in self._permanent
         return adapter_info(entry, entry.key in self._cpu, pinned, leases)
+
+
+def _max_adapter_bytes(spec: BaseModelSpec, max_rank: int, dtype: torch.dtype) -> int:
+    """The most one adapter of rank <= max_rank can take in the arena (alignment included)."""
+    per_layer = sum(max_rank * (i + o) for i, o in spec.module_shapes.values())
+    num_tensors = 2 * spec.num_layers * len(spec.module_shapes)
+    return spec.num_layers * per_layer * dtype.itemsize + num_tensors * ALIGN

@@ -10,7 +10,9 @@ slots of rank <= 16, and r=16 all-linear PEFT adapters (made with peft: 19.6 MB 
                     (copied out of the file's mapping into the CPU tier), validation and the
                     slot write. Median over 24 distinct adapters (copies
                     of one file, each its own directory and inode), slots full after the
-                    16th, so most loads evict one.
+                    16th, so most loads evict one. The loads start once the store's loader
+                    has faulted in the CPU tier's memory ahead (cpu_prefault_bytes), as it
+                    does while a server starts; `cold_max_ms` is the slowest of them.
   cpu_to_device_ms  the same for an adapter in the CPU tier whose slot was evicted
                     (3 rounds over the 24 adapters: every load comes from the CPU tier).
                     Both on a bare AdapterStore over the real model's slot buffers, with
@@ -36,8 +38,8 @@ slots of rank <= 16, and r=16 all-linear PEFT adapters (made with peft: 19.6 MB 
                     would not keep the batch shapes: 64 requests a step instead of ~20.)
                     One warm-up of each (the Zipf one with another seed, so the CPU tier is
                     in a steady state), then 3 interleaved rounds; medians.
-Last line: `bench-adapters: cold_ms=A cpu_to_device_ms=B zipf1000_vs_hot=C`.
-Targets: A <= 30, B <= 5, C >= 0.80.
+Last line: `bench-adapters: cold_ms=A cpu_to_device_ms=B zipf1000_vs_hot=C cold_max_ms=D`.
+Targets: A <= 30, B <= 5, C >= 0.80, D <= 30 (every cold load, not only the median).
 """
 
 from __future__ import annotations
@@ -175,9 +177,11 @@ def measure_loads(model_dir: Path, source: Path, root: Path, settings: Settings)
         config, model.spec.base_model_spec(), model.lora_buffers(), torch.float32, "cpu", on_load=waiter
     )
     with store:
+        wait_for_prefault(store)
         cold = [waiter.load(store, name) for name in names]
         warm = [waiter.load(store, name) for _ in range(settings.cpu_rounds) for name in names]
         stats = store.stats()
+        arena = store.arena_stats()
     assert all(e.source == "disk" for e in cold) and all(e.source == "cpu" for e in warm)
     adapter_bytes = stats.cpu_bytes // stats.num_cpu
 
@@ -192,7 +196,19 @@ def measure_loads(model_dir: Path, source: Path, root: Path, settings: Settings)
         "cold": summary(cold),
         "cpu_to_device": summary(warm),
         "device_evictions": stats.device_evictions,
+        # Loads whose block reached past the memory faulted in ahead (fresh pages).
+        "arena": {"allocations": arena.num_allocations, "unfaulted": arena.num_unfaulted,
+                  "faulted_bytes": arena.faulted_bytes, "capacity_bytes": arena.capacity_bytes},
     }
+
+
+def wait_for_prefault(store: AdapterStore, timeout_s: float = 120.0) -> None:
+    """Until the loader has faulted in the CPU tier's memory ahead (it does while idle)."""
+    deadline = time.monotonic() + timeout_s
+    while (arena := store.arena_stats()).faulted_bytes < arena.prefault_target_bytes:
+        if time.monotonic() > deadline:
+            raise SystemExit("the store's loader did not fault in the CPU tier's memory in time")
+        time.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- zipf workload
@@ -371,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         loads = measure_loads(args.model_dir, source, tmp / "cold", settings)
         gc.collect()
         cold = loads["cold"]["queued_ms"]["median"]
+        cold_max = loads["cold"]["queued_ms"]["max"]
         cpu = loads["cpu_to_device"]["queued_ms"]["median"]
         print(f"  cold: {cold:.1f} ms (load {loads['cold']['load_ms']['median']:.1f}), cpu->device: {cpu:.1f} ms "
               f"(load {loads['cpu_to_device']['load_ms']['median']:.1f}), medians", flush=True)
@@ -393,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     defaults = settings == Settings()
     where = write_result("bench_adapters", result) if defaults else "not written (not the default settings)"
     print(f"  hot={zipf['hot_tok_s']:.1f} zipf={zipf['zipf_tok_s']:.1f} tok/s, {zipf['distinct_adapters']} distinct "
-          f"adapters; targets: cold <= 30 ms, cpu->device <= 5 ms, zipf/hot >= 0.80; results {where}")
-    print(f"bench-adapters: cold_ms={cold:.1f} cpu_to_device_ms={cpu:.1f} zipf1000_vs_hot={ratio:.2f}")
+          f"adapters; targets: cold <= 30 ms (every load), cpu->device <= 5 ms, zipf/hot >= 0.80; results {where}")
+    print(f"bench-adapters: cold_ms={cold:.1f} cpu_to_device_ms={cpu:.1f} zipf1000_vs_hot={ratio:.2f} "
+          f"cold_max_ms={cold_max:.1f}")
     return 0
 
 

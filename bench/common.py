@@ -79,15 +79,15 @@ def make_bench_adapters(model_dir: Path, out: Path, prefix: str, ranks, seed: in
 
 
 def bench_engine_parts(model_dir: Path, adapter_dir: Path, max_loras: int, max_lora_rank: int,
-                       max_num_seqs: int = 64, kv_cache_bytes: int = 1 << 30):
-    """A full engine (fp32, 2 threads, max_model_len 1024) serving the adapters in `adapter_dir`."""
+                       max_num_seqs: int = 64, kv_cache_bytes: int = 1 << 30, dtype: str = "float32"):
+    """A full engine (fp32 unless told, 2 threads, max_model_len 1024) serving the adapters in `adapter_dir`."""
     from loramux.adapter_store.config import AdapterStoreConfig
     from loramux.server.builder import build_engine
     from loramux.server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig, SchedulingConfig
 
     return build_engine(LoramuxConfig(
         model=ModelConfig(model_dir=model_dir, served_model_name="base", max_model_len=1024, num_threads=2,
-                          dtype="float32"),
+                          dtype=dtype),
         lora=LoraSlotsConfig(max_loras=max_loras, max_lora_rank=max_lora_rank),
         cache=CacheConfig(kv_cache_bytes=kv_cache_bytes),
         scheduling=SchedulingConfig(max_num_seqs=max_num_seqs),

@@ -13,10 +13,12 @@ Room to grow without a redesign:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from loramux.kernels.staging import DeviceUpload
 
 NO_ADAPTER = -1  # slot index of tokens that get no delta (base-model requests)
 
@@ -59,6 +61,20 @@ def build_lora_batch_info(
     seq_slots[j] is sequence j's adapter slot (NO_ADAPTER for base), seq_num_tokens[j] its
     number of rows in this step's flat batch; sequences appear in row order.
     """
+    upload = DeviceUpload(device)
+    finish = stage_lora_batch_info(seq_slots, seq_num_tokens, seq_scales, upload)
+    upload.send()
+    return finish()
+
+
+def stage_lora_batch_info(
+    seq_slots: Sequence[int],
+    seq_num_tokens: Sequence[int],
+    seq_scales: Sequence[float] | None,
+    upload: DeviceUpload,
+) -> Callable[[], LoraBatchInfo]:
+    """build_lora_batch_info in two halves around the step's one copy: stage the host
+    tensors in `upload` now; the returned function builds the info after `upload.send()`."""
     if len(seq_slots) != len(seq_num_tokens):
         raise ValueError("seq_slots and seq_num_tokens differ in length")
     scales = [1.0] * len(seq_slots) if seq_scales is None else [float(s) for s in seq_scales]
@@ -77,14 +93,25 @@ def build_lora_batch_info(
         seg_scales.append(scale)
         indptr.append(indptr[-1] + n)
     max_seg_len = max((b - a for a, b in zip(indptr, indptr[1:])), default=0)
-    return LoraBatchInfo(
-        seg_indptr=torch.tensor(indptr, dtype=torch.int32, device=device),
-        slot_indices=torch.tensor(slots, dtype=torch.int32, device=device),
-        seg_scales=torch.tensor(seg_scales, dtype=torch.float32, device=device),
-        token_slots=torch.tensor(token_slots, dtype=torch.int32, device=device),
-        num_tokens=indptr[-1],
-        max_seg_len=max_seg_len,
-        seg_indptr_host=tuple(indptr),
-        slot_indices_host=tuple(slots),
-        seg_scales_host=tuple(seg_scales),
+    handles = (
+        upload.add(torch.tensor(indptr, dtype=torch.int32)),
+        upload.add(torch.tensor(slots, dtype=torch.int32)),
+        upload.add(torch.tensor(seg_scales, dtype=torch.float32)),
+        upload.add(torch.tensor(token_slots, dtype=torch.int32)),
     )
+
+    def finish() -> LoraBatchInfo:
+        indptr_d, slots_d, scales_d, token_slots_d = (upload.get(h) for h in handles)
+        return LoraBatchInfo(
+            seg_indptr=indptr_d,
+            slot_indices=slots_d,
+            seg_scales=scales_d,
+            token_slots=token_slots_d,
+            num_tokens=indptr[-1],
+            max_seg_len=max_seg_len,
+            seg_indptr_host=tuple(indptr),
+            slot_indices_host=tuple(slots),
+            seg_scales_host=tuple(seg_scales),
+        )
+
+    return finish

@@ -90,7 +90,7 @@ def build_engine(config: LoramuxConfig, on_adapter_load=None, adapter_load_fn: L
         dtype,
         device,
         on_load=on_adapter_load,
-        load_fn=adapter_load_fn or load_adapter,
+        load_fn=adapter_load_fn,
     )
     store.start()
     scheduling = config.scheduling

@@ -60,6 +60,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-loras", type=int, default=8, help="device adapter slots")
     g.add_argument("--max-lora-rank", type=int, default=64)
     g.add_argument("--cpu-cache-bytes", type=parse_bytes, default=parse_bytes("4G"))
+    g.add_argument("--cpu-prefault-bytes", type=parse_bytes, default=parse_bytes("512M"),
+                   help="CPU-tier memory faulted in ahead of adapter loads (0: on first use)")
     g.add_argument("--max-upload-bytes", type=parse_bytes, default=parse_bytes("1G"))
     g.add_argument("--max-concurrent-uploads", type=int, default=2, help="more get 429")
     g = p.add_argument_group("scheduling")
@@ -146,6 +148,7 @@ def config_from_args(args: argparse.Namespace):
             adapter_dirs=tuple(Path(d) for d in args.adapter_dir),
             upload_root=upload_dir,
             cpu_cache_bytes=args.cpu_cache_bytes,
+            cpu_prefault_bytes=args.cpu_prefault_bytes,
             max_upload_bytes=args.max_upload_bytes,
             max_concurrent_uploads=args.max_concurrent_uploads,
             pinned=tuple(args.pin),

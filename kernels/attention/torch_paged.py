@@ -12,21 +12,27 @@ Semantics per query token at position i of a sequence (context positions j <= i)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from loramux.kernels.attention.backend import AttentionLayer
+from loramux.kernels.staging import DeviceUpload
 
 
 @dataclass(frozen=True)
 class DecodeGroup:
     rows: torch.Tensor  # int64 [num_decodes]: rows of the flat batch
-    gather: torch.Tensor  # int64 [num_decodes, max_ctx]: flat cache index of each context position
+    context_lens: torch.Tensor  # int64 [num_decodes]: positions 0..len-1 (the query is the last)
+    block_tables: torch.Tensor  # int64 [num_decodes, max_blocks]: KV blocks (padding: 0)
+    # Only for the torch path (kernels that read the cache in place skip them):
+    # int64 [num_decodes, max_ctx]: flat cache index of each context position
+    gather: torch.Tensor | None = None
     # window (None = full) -> bool [num_decodes, 1, 1, max_ctx]: True = a visible context position
-    masks: Mapping[int | None, torch.Tensor]
+    masks: Mapping[int | None, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,29 @@ def build_paged_metadata(
     block_size: int,
     windows: Sequence[int],
     device: torch.device,
+    decode_gather: bool = True,
 ) -> PagedAttentionMetadata:
-    """Index tensors are computed on the host and sent in one copy; masks derive on device."""
+    """The step's metadata with a copy of its own (stage_paged_metadata shares the step's)."""
+    upload = DeviceUpload(device)
+    finish = stage_paged_metadata(seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, upload, decode_gather)
+    upload.send()
+    return finish()
+
+
+def stage_paged_metadata(
+    seq_starts: Sequence[int],
+    seq_num_tokens: Sequence[int],
+    seq_block_ids: Sequence[Sequence[int]],
+    block_size: int,
+    windows: Sequence[int],
+    upload: DeviceUpload,
+    decode_gather: bool = True,
+) -> Callable[[], PagedAttentionMetadata]:
+    """Index tensors are computed on the host and staged in `upload` (the step's one copy);
+    the returned function builds the metadata after `upload.send()`, masks on the device.
+
+    decode_gather=False leaves out the decodes' per-position gather indices and masks
+    (O(decodes x context) host work per step) for kernels that read the block tables."""
     host: list[torch.Tensor] = []  # int64 pieces, concatenated into one copy
     slot_chunks: list[torch.Tensor] = []
     decode_rows: list[int] = []
@@ -90,25 +117,44 @@ def build_paged_metadata(
         tables = torch.zeros(len(decode_seqs), max_blocks, dtype=torch.int64)  # [B, max_blocks]
         for i, s in enumerate(decode_seqs):
             tables[i, : len(seq_block_ids[s])] = torch.tensor(seq_block_ids[s], dtype=torch.int64)
-        positions = torch.arange(max_ctx)
-        real = positions[None, :] < context_lens[:, None]  # [B, max_ctx]
-        # Padding positions read block 0 and are masked out.
-        gather = torch.where(real, _flat_indices(tables, positions, block_size), 0)
-        pieces += [torch.tensor(decode_rows, dtype=torch.int64), context_lens, gather.flatten()]
-    sizes = [p.numel() for p in pieces]
-    on_device = torch.cat(pieces).to(device).split(sizes)  # the step's one host-to-device copy
+        pieces += [torch.tensor(decode_rows, dtype=torch.int64), context_lens, tables.flatten()]
+        if decode_gather:
+            positions = torch.arange(max_ctx)
+            real = positions[None, :] < context_lens[:, None]  # [B, max_ctx]
+            # Padding positions read block 0 and are masked out.
+            pieces.append(torch.where(real, _flat_indices(tables, positions, block_size), 0).flatten())
+    handles = [upload.add(p) for p in pieces]
+    return functools.partial(
+        _finish_paged_metadata, upload, handles, decode_rows, max_ctx, prefill_specs, windows, decode_gather
+    )
 
+
+def _finish_paged_metadata(
+    upload: DeviceUpload,
+    handles: list[int],
+    decode_rows: list[int],
+    max_ctx: int,
+    prefill_specs: list[tuple[int, int, int, int]],
+    windows: Sequence[int],
+    decode_gather: bool,
+) -> PagedAttentionMetadata:
+    device = upload.device
+    on_device = [upload.get(h) for h in handles]
     decode = None
     if decode_rows:
-        rows, context_lens, gather = on_device[-3], on_device[-2], on_device[-1]
-        positions = torch.arange(max_ctx, device=device)[None, :]  # [1, max_ctx]
-        full = positions < context_lens[:, None]  # [B, max_ctx]
-        masks: dict[int | None, torch.Tensor] = {None: full[:, None, None, :]}
-        for window in windows:
-            # Query position p = context_len - 1 sees p - window < j.
-            visible = full if window >= max_ctx else full & (positions > context_lens[:, None] - 1 - window)
-            masks[window] = visible[:, None, None, :]
-        decode = DecodeGroup(rows=rows, gather=gather.view(len(decode_rows), max_ctx), masks=masks)
+        num_decodes = len(decode_rows)
+        first = len(on_device) - (4 if decode_gather else 3)
+        rows, context_lens, tables = on_device[first : first + 3]
+        decode = DecodeGroup(rows=rows, context_lens=context_lens, block_tables=tables.view(num_decodes, -1))
+        if decode_gather:
+            positions = torch.arange(max_ctx, device=device)[None, :]  # [1, max_ctx]
+            full = positions < context_lens[:, None]  # [B, max_ctx]
+            masks: dict[int | None, torch.Tensor] = {None: full[:, None, None, :]}
+            for window in windows:
+                # Query position p = context_len - 1 sees p - window < j.
+                visible = full if window >= max_ctx else full & (positions > context_lens[:, None] - 1 - window)
+                masks[window] = visible[:, None, None, :]
+            decode = replace(decode, gather=on_device[-1].view(num_decodes, max_ctx), masks=masks)
 
     prefills = []
     for row_start, row_end, start, piece in prefill_specs:
@@ -154,10 +200,22 @@ def _attend(
 
 
 class TorchPagedAttention:
+    """Decodes gather their context out of the cache into one padded batch for SDPA.
+    Subclasses with a paged decode kernel set `decode_gather = False` and override
+    `_decode`; the cache writes and the prefill path are shared."""
+
     name = "torch"
+    decode_gather = True
 
     def build_metadata(self, seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, device):
-        return build_paged_metadata(seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, device)
+        return build_paged_metadata(
+            seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, device, self.decode_gather
+        )
+
+    def stage_metadata(self, seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, upload):
+        return stage_paged_metadata(
+            seq_starts, seq_num_tokens, seq_block_ids, block_size, windows, upload, self.decode_gather
+        )
 
     def forward(
         self,
@@ -177,12 +235,7 @@ class TorchPagedAttention:
         flat_v.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         if meta.decode is not None:
-            group = meta.decode
-            q_d = q.index_select(0, group.rows).unsqueeze(2)  # [B, H, 1, D]
-            k_d = flat_k[group.gather].transpose(1, 2)  # [B, KVH, max_ctx, D]
-            v_d = flat_v[group.gather].transpose(1, 2)
-            o_d = _attend(q_d, k_d, v_d, group.masks[layer.window], layer)  # [B, H, 1, D]
-            out.index_copy_(0, group.rows, o_d.squeeze(2))
+            self._decode(out, q, k_cache, v_cache, meta.decode, layer)
         for chunk in meta.prefills:
             q_p = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if chunk.gather is None:
@@ -194,3 +247,21 @@ class TorchPagedAttention:
             o_p = _attend(q_p, k_p, v_p, chunk.masks[layer.window], layer)
             out[chunk.start : chunk.end] = o_p[0].transpose(0, 1)
         return out.view(num_tokens, num_heads * head_dim)
+
+    def _decode(
+        self,
+        out: torch.Tensor,  # [num_tokens, num_heads, head_dim]: the decode rows are written
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], this step's K written
+        v_cache: torch.Tensor,
+        group: DecodeGroup,
+        layer: AttentionLayer,
+    ) -> None:
+        kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        flat_k = k_cache.view(-1, kv_heads, head_dim)
+        flat_v = v_cache.view(-1, kv_heads, head_dim)
+        q_d = q.index_select(0, group.rows).unsqueeze(2)  # [B, H, 1, D]
+        k_d = flat_k[group.gather].transpose(1, 2)  # [B, KVH, max_ctx, D]
+        v_d = flat_v[group.gather].transpose(1, 2)
+        o_d = _attend(q_d, k_d, v_d, group.masks[layer.window], layer)  # [B, H, 1, D]
+        out.index_copy_(0, group.rows, o_d.squeeze(2))

@@ -3,6 +3,12 @@
 Its structure comes from the family's `ModelSpec` (q/k norms, sandwich norms, windows,
 soft-capping, ...). q/k/v and gate/up are fused into one matmul each, and their LoRA
 deltas go into the matching column slices of the fused output (one backend call each).
+
+Mixed precision, as serving stacks run bf16: the GEMMs, LoRA and attention run in the
+weights' dtype (bf16 or fp32), while the residual stream, the norms and the rotary
+embedding stay fp32 (a bf16 residual rounds every layer's sum to 8 mantissa bits and
+flips near-tie predictions). Each GEMM input is cast once, from the fp32 norm output.
+In fp32 every cast is a no-op and the arithmetic is unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ HEAD_MODULE = "lm_head"
 
 @dataclass
 class LayerWeights:
+    # Norm weights are fp32 in every dtype; the projections are in the model's dtype.
     input_norm: torch.Tensor  # [hidden]
     qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
     o: torch.Tensor  # [hidden, q_size]
@@ -60,7 +67,7 @@ class LayerWeights:
 class ModelWeights:
     embed: torch.Tensor  # [vocab, hidden]
     layers: list[LayerWeights]
-    final_norm: torch.Tensor  # [hidden]
+    final_norm: torch.Tensor  # fp32 [hidden]
     lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as embed when tied
 
 
@@ -81,8 +88,11 @@ class DecoderModel:
     ) -> None:
         self.spec = spec
         self.weights = weights
-        device, dtype = weights.embed.device, weights.embed.dtype
-        self.rope = {key: (cos.to(device, dtype), sin.to(device, dtype)) for key, (cos, sin) in rope.items()}
+        device = weights.embed.device
+        # The rotary tables stay fp32: positions past a few hundred lose their phase in bf16.
+        self.rope = {
+            key: (cos.to(device, torch.float32), sin.to(device, torch.float32)) for key, (cos, sin) in rope.items()
+        }
         self.lora = lora
         self.outer_lora = outer_lora or {}
         embed = self.outer_lora.get(EMBED_MODULE)
@@ -121,12 +131,13 @@ class DecoderModel:
         self,
         batch: ForwardBatch,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: K, V caches
-    ) -> torch.Tensor:  # [num_tokens, hidden], after the final norm
+    ) -> torch.Tensor:  # fp32 [num_tokens, hidden], after the final norm
         spec = self.spec
-        hidden = F.embedding(batch.input_ids, self.weights.embed)  # [T, hidden]
+        hidden = F.embedding(batch.input_ids, self.weights.embed)  # [T, hidden] in the serving dtype
         embed_lora = self.embed_lora
         if embed_lora is not None and batch.lora.has_adapters and step_adapts((embed_lora,), batch.lora):
             add_embedding_lora(hidden, batch.input_ids, embed_lora, batch.lora)
+        hidden = hidden.float()  # fp32 [T, hidden]: the residual stream
         if spec.embed_scale is not None:  # scales the adapter's delta too, as peft does
             hidden = hidden * torch.tensor(spec.embed_scale, dtype=hidden.dtype)
         # Each rotary table gathered once per step: [T, 1, head_dim]
@@ -144,25 +155,25 @@ class DecoderModel:
     def _layer(
         self,
         index: int,
-        hidden: torch.Tensor,  # [T, hidden]
+        hidden: torch.Tensor,  # fp32 [T, hidden]
         w: LayerWeights,
         lora: LayerLora | None,
         batch: ForwardBatch,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
-        cos: torch.Tensor,  # [T, 1, head_dim]
+        cos: torch.Tensor,  # fp32 [T, 1, head_dim]
         sin: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor:  # fp32 [T, hidden]
         spec, backend, info = self.spec, self.lora_backend, batch.lora
         eps = spec.rms_norm_eps
-        num_tokens = hidden.shape[0]
-        x = rms_norm(hidden, w.input_norm, eps)
+        num_tokens, dtype = hidden.shape[0], self.dtype
+        x = rms_norm(hidden, w.input_norm, eps, dtype)  # [T, hidden] in the GEMM dtype
         qkv = lora_linear(x, w.qkv, w.qkv_bias, lora and lora["qkv"], backend, info)  # [T, q + 2 kv]
         q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
         q = q.view(num_tokens, spec.num_heads, spec.head_dim)
         k = k.view(num_tokens, spec.num_kv_heads, spec.head_dim)
         if w.q_norm is not None:
-            q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)  # fp32
+        q, k = rotate(q.float(), cos, sin).to(dtype), rotate(k.float(), cos, sin).to(dtype)
         v = v.reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
         attn = self.attention_backend.forward(
             q, k, v, kv_cache[0], kv_cache[1], batch.attention, self.attention_layers[index]
@@ -170,11 +181,11 @@ class DecoderModel:
         out = lora_linear(attn, w.o, w.o_bias, lora and lora["o"], backend, info)  # [T, hidden]
         if spec.sandwich_norms:
             out = rms_norm(out, w.post_attention_norm, eps)
-            hidden = hidden + out
-            x = rms_norm(hidden, w.pre_feedforward_norm, eps)
+            hidden = hidden + out  # fp32 residual add
+            x = rms_norm(hidden, w.pre_feedforward_norm, eps, dtype)
         else:
             hidden = hidden + out
-            x = rms_norm(hidden, w.post_attention_norm, eps)
+            x = rms_norm(hidden, w.post_attention_norm, eps, dtype)
         gate_up = lora_linear(x, w.gate_up, w.gate_up_bias, lora and lora["gate_up"], backend, info)
         gate, up = gate_up.split(spec.intermediate_size, dim=-1)
         mid = self.act(gate) * up  # [T, intermediate]
@@ -185,7 +196,7 @@ class DecoderModel:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, lora: LoraBatchInfo | None = None) -> torch.Tensor:
-        """[n, hidden] final-normed rows -> fp32 logits [n, vocab].
+        """fp32 [n, hidden] final-normed rows -> fp32 logits [n, vocab].
 
         `lora` maps the rows to adapter slots for lm_head adapters (None: base logits). Only
         when one of those slots adapts lm_head is the backend planned for these rows (after
@@ -193,9 +204,10 @@ class DecoderModel:
         logits = lm_head_logits(hidden, self.weights.lm_head)  # bf16: its top candidates exact
         head = self.head_lora
         if lora is not None and head is not None and lora.has_adapters and step_adapts(head, lora):
-            delta = torch.zeros(logits.shape, dtype=hidden.dtype, device=hidden.device)  # [n, vocab]
+            dtype = self.weights.lm_head.dtype  # the LoRA backend runs in the serving dtype
+            delta = torch.zeros(logits.shape, dtype=dtype, device=hidden.device)  # [n, vocab]
             self.lora_backend.prepare(lora)
-            self.lora_backend.add_lora(delta, hidden, head, lora)
+            self.lora_backend.add_lora(delta, hidden.to(dtype), head, lora)
             logits += delta
             apply_dora(logits, None, head, lora)
         cap = self.spec.final_softcap

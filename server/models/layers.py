@@ -16,9 +16,15 @@ from loramux.kernels.metadata import LoraBatchInfo
 from loramux.server.models.spec import ModelUnsupported
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., dim]; weight [dim] already holds any family offset (Gemma's 1 + w)."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x: [..., dim]; weight fp32 [dim] already holds any family offset (Gemma's 1 + w).
+
+    Computed in fp32 whatever x's dtype (a bf16 norm loses the small components a bf16
+    GEMM then amplifies); the result is fp32, or `out_dtype` for a GEMM input."""
+    y = F.rms_norm(x.float(), (x.shape[-1],), weight, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def lora_linear(

@@ -64,32 +64,36 @@ class _TensorTable:
         self.device = device
         self.tensors = dict(_read_tensors(model_dir))
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.tensors:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.model_dir}")
-        return self.tensors.pop(name).to(device=self.device, dtype=self.dtype)
+        return self.tensors.pop(name).to(device=self.device, dtype=dtype or self.dtype)
 
-    def cat(self, names: list[str]) -> torch.Tensor:
+    def cat(self, names: list[str], dtype: torch.dtype | None = None) -> torch.Tensor:
         if len(names) == 1:
-            return self.get(names[0])
-        return torch.cat([self.get(n) for n in names], dim=0).contiguous()
+            return self.get(names[0], dtype)
+        return torch.cat([self.get(n, dtype) for n in names], dim=0).contiguous()
 
 
 def _load_weights(table: _TensorTable, family: DecoderFamily, spec: ModelSpec) -> ModelWeights:
-    def norm(field: str, tensor: torch.Tensor) -> torch.Tensor:
-        # Gemma's norms multiply by (1 + w): fold the offset in once, here.
-        return tensor + spec.norm_offset if field.endswith("norm") and spec.norm_offset else tensor
+    def load(field: str, names: list[str]) -> torch.Tensor:
+        if not field.endswith("norm"):
+            return table.cat(names)
+        # Norm weights stay fp32 in every dtype (the norms run in fp32); Gemma's norms
+        # multiply by (1 + w): the offset is folded in once, here.
+        tensor = table.cat(names, torch.float32)
+        return tensor + spec.norm_offset if spec.norm_offset else tensor
 
     layers = []
     layer_fields = {f.name for f in fields(LayerWeights)}
     for i in range(spec.num_layers):
         names = family.layer_tensors(spec, i)
         assert set(names) <= layer_fields, set(names) - layer_fields
-        layers.append(LayerWeights(**{field: norm(field, table.cat(n)) for field, n in names.items()}))
+        layers.append(LayerWeights(**{field: load(field, n) for field, n in names.items()}))
     names = family.model_tensors(spec)
     embed = table.get(names["embed"])
     lm_head = table.get(names["lm_head"]) if "lm_head" in names else embed
-    final_norm = norm("final_norm", table.get(names["final_norm"]))
+    final_norm = load("final_norm", [names["final_norm"]])
     return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 

@@ -39,10 +39,10 @@ class ServingModel(Protocol):
 
     def forward(
         self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor:  # [num_tokens, hidden], after the final norm
+    ) -> torch.Tensor:  # fp32 [num_tokens, hidden], after the final norm
         ...
 
     def compute_logits(self, hidden: torch.Tensor, lora: LoraBatchInfo | None = None) -> torch.Tensor:
-        """[n, hidden] final-normed rows -> fp32 logits [n, vocab]; `lora` (the rows' slots)
-        adds lm_head adapters."""
+        """fp32 [n, hidden] final-normed rows -> fp32 logits [n, vocab]; `lora` (the rows'
+        slots) adds lm_head adapters."""
         ...

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from loramux.kernels.metadata import NO_ADAPTER, LoraBatchInfo, build_lora_batch_info
+from loramux.kernels.metadata import NO_ADAPTER, LoraBatchInfo, stage_lora_batch_info
+from loramux.kernels.staging import DeviceUpload
 from loramux.scheduler.output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from loramux.scheduler.request import BASE_SLOT, Request
 from loramux.server.models.protocol import ForwardBatch, ServingModel
@@ -78,23 +79,25 @@ class ModelRunner:
             if start + n == request.num_tokens:  # the chunk reaches the end: sample
                 sample_indices.append(index)
                 sample_rows.append(len(input_ids) - 1)
-        device = self.model.device
-        lora = build_lora_batch_info([_slot(r) for r in requests], num_tokens, device=device)
+        # Every builder stages its host tensors; they reach the device in one copy.
+        upload = DeviceUpload(self.model.device)
+        finish_lora = stage_lora_batch_info([_slot(r) for r in requests], num_tokens, None, upload)
         sample_slots = [_slot(requests[i]) for i in sample_indices]
-        sample_lora = build_lora_batch_info(sample_slots, [1] * len(sample_slots), device=device)
-        attention = self.model.attention_backend.build_metadata(
+        finish_sample_lora = stage_lora_batch_info(sample_slots, [1] * len(sample_slots), None, upload)
+        finish_attention = self.model.attention_backend.stage_metadata(
             [r.num_computed_tokens for r in requests],
             num_tokens,
             [r.block_ids for r in requests],
             self.block_size,
             self.model.spec.windows,
-            device,
+            upload,
         )
+        ids = upload.add(torch.tensor(input_ids, dtype=torch.int64))
+        pos = upload.add(torch.tensor(positions, dtype=torch.int64))
+        rows = upload.add(torch.tensor(sample_rows, dtype=torch.int64))
+        upload.send()
         batch = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            lora=lora,
-            attention=attention,
+            input_ids=upload.get(ids), positions=upload.get(pos), lora=finish_lora(), attention=finish_attention()
         )
         return PreparedStep(
             batch=batch,
@@ -102,8 +105,8 @@ class ModelRunner:
             num_tokens=num_tokens,
             row_starts=row_starts,
             sample_indices=sample_indices,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=device),
-            sample_lora=sample_lora,
+            sample_rows=upload.get(rows),
+            sample_lora=finish_sample_lora(),
         )
 
     def forward(self, step: PreparedStep) -> torch.Tensor:
