@@ -10,6 +10,9 @@ MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids one request may bias
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
 MAX_ADAPTER_SCALE = 4.0  # a bound, so a stranger cannot blow the logits up
+# The repetition guard compares the last `window` tokens against each period, per token.
+MAX_REPETITION_WINDOW = 1024
+MAX_REPETITION_PERIOD = 64
 
 
 class InvalidSamplingParams(ValueError):
@@ -67,8 +70,10 @@ class SamplingParams:
                 f"{name} must be between 0 and {MAX_TOP_LOGPROBS}",
             )
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
-        _check(self.repetition_window >= 0, "repetition_window must be >= 0")
-        _check(self.repetition_max_period >= 1, "repetition_max_period must be >= 1")
+        _check(0 <= self.repetition_window <= MAX_REPETITION_WINDOW,
+               f"repetition_window must be in [0, {MAX_REPETITION_WINDOW}] (0 = off)")
+        _check(1 <= self.repetition_max_period <= MAX_REPETITION_PERIOD,
+               f"repetition_max_period must be in [1, {MAX_REPETITION_PERIOD}]")
         _check(len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES,
                f"logit_bias may name at most {MAX_LOGIT_BIAS_ENTRIES} tokens")
         _check(

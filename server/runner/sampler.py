@@ -92,16 +92,22 @@ def _adjusted_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tens
         bias = meta.logit_bias
         logits.index_put_((bias.rows, bias.token_ids), bias.values, accumulate=True)
     if meta.penalties is not None:
-        logits[meta.penalties.rows] = _penalized(logits[meta.penalties.rows], meta.penalties)
+        _penalize(logits, meta.penalties)
     return logits
 
 
-def _penalized(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
-    """logits: [p, vocab]. HF repetition penalty on seen tokens, then OpenAI's
-    presence/frequency penalties on generated ones."""
-    penalized = torch.where(logits > 0, logits / p.repetition, logits * p.repetition)
-    logits = torch.where(p.seen, penalized, logits)
-    return logits - p.output_counts * p.frequency - (p.output_counts > 0).float() * p.presence
+def _penalize(logits: torch.Tensor, p: Penalties) -> None:
+    """In place on logits [n, vocab]: HF's repetition penalty on seen tokens, then OpenAI's
+    frequency (per occurrence) and presence (once) penalties on generated ones. A pair that
+    occurs twice writes the same value twice, so duplicates need no dedup."""
+    if p.seen_ids.numel():
+        seen = (p.seen_rows, p.seen_ids)
+        values = logits[seen]
+        logits.index_put_(seen, torch.where(values > 0, values / p.seen_penalty, values * p.seen_penalty))
+    if p.output_ids.numel():
+        out = (p.output_rows, p.output_ids)
+        logits.index_put_(out, -p.frequency, accumulate=True)
+        logits.index_put_(out, logits[out] - p.presence)
 
 
 def filtered_probs(logits: torch.Tensor, f: Filters) -> torch.Tensor:

@@ -19,12 +19,16 @@ from loramux.scheduler.request import Request
 
 @dataclass(frozen=True)
 class Penalties:
-    rows: torch.Tensor  # int64 [p]: the rows that have any penalty
-    repetition: torch.Tensor  # fp32 [p, 1]: HF repetition penalty (1 = off)
-    presence: torch.Tensor  # fp32 [p, 1]: OpenAI presence penalty
-    frequency: torch.Tensor  # fp32 [p, 1]: OpenAI frequency penalty
-    seen: torch.Tensor  # bool [p, vocab]: token occurs in the prompt or the output
-    output_counts: torch.Tensor  # fp32 [p, vocab]: occurrences in the output
+    """Sparse: (row, token) pairs of the tokens each penalized row has seen, so the cost
+    grows with the tokens, not with rows x vocabulary."""
+
+    seen_rows: torch.Tensor  # int64 [num_seen]: prompt and output tokens of rows with a repetition penalty
+    seen_ids: torch.Tensor  # int64 [num_seen]
+    seen_penalty: torch.Tensor  # fp32 [num_seen]: the row's repetition penalty, per pair
+    output_rows: torch.Tensor  # int64 [num_out]: output tokens of rows with presence/frequency penalties
+    output_ids: torch.Tensor  # int64 [num_out]
+    frequency: torch.Tensor  # fp32 [num_out]: the row's frequency penalty, per pair
+    presence: torch.Tensor  # fp32 [num_out]: the row's presence penalty, per pair
 
 
 @dataclass(frozen=True)
@@ -92,43 +96,45 @@ def _filters(requests: Sequence[Request], rows: list[int], vocab: int, device: t
     )
 
 
-def _scatter_tokens(token_lists: list[list[int]], vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat (row, token id) indices of p token lists, ids outside the vocabulary dropped."""
-    lengths = torch.tensor([len(ids) for ids in token_lists], dtype=torch.int64)
+def _token_pairs(
+    requests: Sequence[Request], rows: list[int], tokens_of, values_of, vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Flat (row, token id) pairs of the given rows' token lists (ids outside the vocabulary
+    dropped), with each row's parameter values repeated along. One copy per tensor; the
+    flat lists are built by list repetition (C speed), not per token in Python."""
+    token_lists = [tokens_of(requests[i]) for i in rows]
+
+    def repeated(per_row: list) -> list:
+        return list(itertools.chain.from_iterable([v] * len(ids) for v, ids in zip(per_row, token_lists)))
+
     flat = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64)
-    rows = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
     inside = flat < vocab
-    return rows[inside].to(device), flat[inside].to(device)
+    keep_all = bool(inside.all())
+
+    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.tensor(values, dtype=dtype)
+        return (tensor if keep_all else tensor[inside]).to(device)
+
+    values = [column(repeated(v), torch.float32) for v in values_of([requests[i].sampling_params for i in rows])]
+    return column(repeated(rows), torch.int64), (flat if keep_all else flat[inside]).to(device), values
 
 
 def _penalties(requests: Sequence[Request], vocab: int, device: torch.device) -> Penalties | None:
-    rows = [
-        i for i, r in enumerate(requests)
-        if r.sampling_params.repetition_penalty != 1.0 or r.sampling_params.presence_penalty
-        or r.sampling_params.frequency_penalty
-    ]
-    if not rows:
+    params = [r.sampling_params for r in requests]
+    repetition = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    openai = [i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty)]
+    if not repetition and not openai:
         return None
-    params = [requests[i].sampling_params for i in rows]
-    seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)  # [p, vocab]
-    repetition_rows = [j for j, p in enumerate(params) if p.repetition_penalty != 1.0]
-    if repetition_rows:
-        # transformers' RepetitionPenaltyLogitsProcessor: over prompt and output.
-        index = _scatter_tokens([requests[rows[j]].all_token_ids for j in repetition_rows], vocab, device)
-        rows_of = torch.tensor(repetition_rows, dtype=torch.int64, device=device)
-        seen[rows_of[index[0]], index[1]] = True
-    counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)  # [p, vocab]
-    # OpenAI semantics: over the generated tokens only.
-    out_rows, out_ids = _scatter_tokens([requests[i].output_token_ids for i in rows], vocab, device)
-    counts.index_put_((out_rows, out_ids), torch.ones_like(out_ids, dtype=torch.float32), accumulate=True)
-    return Penalties(
-        rows=torch.tensor(rows, dtype=torch.int64, device=device),
-        repetition=_column([p.repetition_penalty for p in params], torch.float32, device),
-        presence=_column([p.presence_penalty for p in params], torch.float32, device),
-        frequency=_column([p.frequency_penalty for p in params], torch.float32, device),
-        seen=seen,
-        output_counts=counts,
+    # transformers' RepetitionPenaltyLogitsProcessor: over prompt and output.
+    seen_rows, seen_ids, (seen_penalty,) = _token_pairs(
+        requests, repetition, lambda r: r.all_token_ids, lambda ps: [[p.repetition_penalty for p in ps]], vocab, device
     )
+    # OpenAI semantics: over the generated tokens only.
+    output_rows, output_ids, (frequency, presence) = _token_pairs(
+        requests, openai, lambda r: r.output_token_ids,
+        lambda ps: [[p.frequency_penalty for p in ps], [p.presence_penalty for p in ps]], vocab, device,
+    )
+    return Penalties(seen_rows, seen_ids, seen_penalty, output_rows, output_ids, frequency, presence)
 
 
 def _logit_bias(requests: Sequence[Request], vocab: int, device: torch.device) -> LogitBias | None:
