@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import typing
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -32,6 +33,7 @@ FORCED = 1234  # a token id the tests force with logit_bias
 LOOP_MESSAGE = "What is 2+2?"
 LOOP_TOKENS = 30
 LOOP_CUT = 26
+CONCURRENT_CASES = 16
 
 
 # --------------------------------------------------------------------------- discovery
@@ -153,10 +155,11 @@ def _same_as_greedy_when_it_keeps_one(field: str, value) -> Case:
 
 
 def _typical_p(api: Api, route: str) -> None:
-    """A tiny typical_p keeps one token per step (the most typical): the seed stops mattering."""
-    free = {api.openai_text(route, seed=s, **SAMPLED) for s in range(2)}
-    typical = {api.openai_text(route, seed=s, typical_p=1e-6, **SAMPLED) for s in range(2)}
-    assert len(free) > 1 and len(typical) == 1
+    """Same seed, same noise: a narrow typical set changes the draw; typical_p 1 is off."""
+    for seed in range(2):
+        plain = api.openai_text(route, seed=seed, **SAMPLED)
+        assert api.openai_text(route, seed=seed, typical_p=1.0, **SAMPLED) == plain
+        assert api.openai_text(route, seed=seed, typical_p=1e-6, **SAMPLED) != plain
 
 
 def _n(api: Api, route: str) -> None:
@@ -420,8 +423,10 @@ def _tgi_same_as_greedy_when_it_keeps_one(field: str, value) -> Case:
 
 
 def _tgi_typical_p(api: Api) -> None:
-    typical = {_gen_text(api, seed=s, typical_p=1e-6) for s in range(2)}  # typical_p alone turns sampling on
-    assert len(typical) == 1 and len({_gen_text(api, do_sample=True, seed=s) for s in range(2)}) > 1
+    """typical_p alone turns sampling on; with the same seed it changes the draw."""
+    for seed in range(2):
+        assert _gen_text(api, seed=seed, typical_p=1e-6) != _gen_text(api, do_sample=True, seed=seed)
+    assert api.generate(typical_p=0.5)["details"]["seed"] is not None
 
 
 def _tgi_temperature(api: Api) -> None:
@@ -685,6 +690,23 @@ def table(tiny_reference) -> dict[str, Callable]:
     return cases({"eos_id": tokenizer.eos_token_id, "eos_text": tokenizer.eos_token})
 
 
+@pytest.fixture(scope="module")
+def outcomes(api, offline, table) -> dict[str, BaseException | None]:
+    """Every case run at once from a thread pool: the server batches their requests (as it
+    would any clients'), so the walk costs a few batched runs rather than a few hundred
+    one-by-one. Each test below reports its own case's outcome."""
+
+    def run(field: str) -> BaseException | None:
+        try:
+            table[field](api, offline) if field in TAKES_OFFLINE else table[field](api)
+        except BaseException as exc:  # noqa: BLE001 - reported by the field's own test
+            return exc
+        return None
+
+    with ThreadPoolExecutor(CONCURRENT_CASES) as pool:
+        return dict(zip(_CASE_NAMES, pool.map(run, _CASE_NAMES)))
+
+
 def test_every_field_has_a_case():
     fields = all_fields()
     assert len(fields) > 50  # the discovery found the route models
@@ -693,12 +715,9 @@ def test_every_field_has_a_case():
 
 
 @pytest.mark.parametrize("field", _CASE_NAMES)
-def test_field_works_or_is_refused(field, api, offline, table):
-    case = table[field]
-    if field in TAKES_OFFLINE:
-        case(api, offline)
-    else:
-        case(api)
+def test_field_works_or_is_refused(field, outcomes):
+    if outcomes[field] is not None:
+        raise outcomes[field]
 
 
 @pytest.mark.parametrize("route", ["chat", "completions"])
@@ -713,3 +732,28 @@ def test_unknown_tgi_fields_are_refused_by_name(api):
     response = api.client.post("/generate", json={"inputs": PROMPT, "extras": 1})
     assert response.status_code == 422 and "extras" in response.json()["error"]
     assert api.generate(unknown_but_null=None)["generated_text"]
+
+
+def test_server_default_repetition_guard(tiny_reference, tiny_files):
+    """--default-repetition-window guards every request that sets no window of its own."""
+    from dataclasses import replace
+
+    from loramux.scheduler.request import FinishReason
+    from loramux.server.cli import build_parser
+    from loramux.server.offline import OfflineEngine, OfflineRequest
+    from loramux.server.serve import config_from_args
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_files.model), "--default-repetition-window", "5"])
+    server = config_from_args(args).server
+    assert server.default_repetition_window == 5
+    assert config_from_args(build_parser().parse_args(["serve", "--model", str(tiny_files.model)])).server.default_repetition_window == 0
+
+    service = Offline(tiny_reference.parts).service  # its own: the config changes below
+    service.config = replace(service.config, server=server)
+    forced = {"max_tokens": 12, "temperature": 0.0, "logit_bias": ((FORCED, 100.0),)}
+    guarded, own_off = service.sampling_params(**forced), service.sampling_params(repetition_window=0, **forced)
+    assert (guarded.repetition_window, own_off.repetition_window) == (5, 0)
+    ids = service.encode(PROMPT)
+    cut, free = OfflineEngine(service.parts.core).generate([OfflineRequest(ids, guarded), OfflineRequest(ids, own_off)])
+    assert len(cut.token_ids) == 5 and cut.finish_reason is FinishReason.REPETITION
+    assert len(free.token_ids) == 12 and free.finish_reason is FinishReason.LENGTH
