@@ -17,9 +17,13 @@ from array import array
 BlockHash = bytes  # 32-byte SHA-256 digest
 
 
-def root_hash(adapter_id: str | None, adapter_version: int | None) -> BlockHash:
-    """The chain's seed: base (None, None) or one adapter version."""
-    key = json.dumps(["loramux-kv-v1", adapter_id, adapter_version])
+def root_hash(adapter_id: str | None, adapter_version: int | None, adapter_scale: float = 1.0) -> BlockHash:
+    """The chain's seed: base (None, None) or one adapter version at one strength (a
+    request's adapter_scale changes every K/V it projects)."""
+    parts: list = ["loramux-kv-v1", adapter_id, adapter_version]
+    if adapter_scale != 1.0:
+        parts.append(float(adapter_scale))
+    key = json.dumps(parts)
     return hashlib.sha256(key.encode()).digest()
 
 

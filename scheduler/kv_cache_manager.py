@@ -99,6 +99,7 @@ class KVCacheManager:
         adapter_id: str | None,
         adapter_version: int | None,
         read: bool = True,
+        adapter_scale: float = 1.0,
     ) -> CachedPrefix:
         """The longest cached chain of request's leading full blocks under this adapter version.
 
@@ -108,7 +109,7 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching:
             return NO_PREFIX
-        root = root_hash(adapter_id, adapter_version)
+        root = root_hash(adapter_id, adapter_version, adapter_scale)
         hashes: list[BlockHash] = []
         num_full = (request.num_tokens - 1) // self.block_size
         extend_chain(hashes, root, request.all_token_ids, self.block_size, num_full)

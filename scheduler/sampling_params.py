@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 1024  # token ids one request may bias
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
+MAX_ADAPTER_SCALE = 4.0  # a bound, so a stranger cannot blow the logits up
+# The repetition guard compares the last `window` tokens against each period, per token.
+MAX_REPETITION_WINDOW = 1024
+MAX_REPETITION_PERIOD = 64
 
 
 class InvalidSamplingParams(ValueError):
@@ -18,7 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
-    typical_p: float = 1.0  # accepted for TGI compatibility; 1.0 = off
+    typical_p: float = 1.0  # locally typical sampling (transformers' TypicalLogitsWarper); 1.0 = off
     repetition_penalty: float = 1.0  # HF semantics: divides positive logits of seen tokens
     presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens
     frequency_penalty: float = 0.0
@@ -36,6 +44,11 @@ class SamplingParams:
     # EOS loop forever otherwise.
     repetition_window: int = 0
     repetition_max_period: int = 8
+    # (token id, bias) pairs added to the logits before penalties and sampling (OpenAI
+    # `logit_bias`); the logprobs reported stay those of the model.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Multiplies this request's LoRA delta: 0 = the base model, 1 = the adapter as trained.
+    adapter_scale: float = 1.0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -57,8 +70,21 @@ class SamplingParams:
                 f"{name} must be between 0 and {MAX_TOP_LOGPROBS}",
             )
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
-        _check(self.repetition_window >= 0, "repetition_window must be >= 0")
-        _check(self.repetition_max_period >= 1, "repetition_max_period must be >= 1")
+        _check(0 <= self.repetition_window <= MAX_REPETITION_WINDOW,
+               f"repetition_window must be in [0, {MAX_REPETITION_WINDOW}] (0 = off)")
+        _check(1 <= self.repetition_max_period <= MAX_REPETITION_PERIOD,
+               f"repetition_max_period must be in [1, {MAX_REPETITION_PERIOD}]")
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES,
+               f"logit_bias may name at most {MAX_LOGIT_BIAS_ENTRIES} tokens")
+        _check(
+            all(token_id >= 0 and math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS
+                for token_id, bias in self.logit_bias),
+            f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] for token ids >= 0",
+        )
+        _check(
+            math.isfinite(self.adapter_scale) and 0.0 <= self.adapter_scale <= MAX_ADAPTER_SCALE,
+            f"adapter_scale must be in [0, {MAX_ADAPTER_SCALE:g}]",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -345,9 +345,12 @@ class Scheduler:
         Requests that want prompt logprobs compute every prompt position, so they only
         register their blocks for others and read nothing.
         """
-        version = None if slot == BASE_SLOT else self._residency.slot_version(slot)
         read = request.sampling_params.prompt_logprobs is None
-        return self.kv_cache.find_cached_prefix(request, request.adapter_id, version, read=read)
+        scale = request.sampling_params.adapter_scale
+        if slot == BASE_SLOT or scale == 0.0:  # scale 0 runs the base model: its K/V are the base's
+            return self.kv_cache.find_cached_prefix(request, None, None, read=read)
+        version = self._residency.slot_version(slot)
+        return self.kv_cache.find_cached_prefix(request, request.adapter_id, version, read=read, adapter_scale=scale)
 
     def _load_error(self, request: Request) -> str | None:
         if request.adapter_id is None:

@@ -139,6 +139,11 @@ class ServerConfig:
     max_choices_per_request: int = 16
     max_stop_sequences: int = 16  # stop strings per request (and stop token ids)
     max_stop_sequence_chars: int = 256  # characters per stop string
+    # The repetition guard for requests that do not set `repetition_window`: a request
+    # whose last N tokens repeat one loop of at most `default_repetition_max_period` tokens
+    # ends (finish_reason "length", stop_reason "repetition"). 0 = off.
+    default_repetition_window: int = 0
+    default_repetition_max_period: int = 8
     # On SIGTERM: /health turns 503, new requests get 503, running ones get this many
     # seconds to finish before they are ended (finish_reason "abort").
     drain_timeout_s: float = 30.0
@@ -153,6 +158,8 @@ class ServerConfig:
         _check(self.max_stop_sequences >= 0, "max_stop_sequences must be >= 0")
         _check(self.max_stop_sequence_chars >= 1, "max_stop_sequence_chars must be >= 1")
         _check(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
+        _check(self.default_repetition_window >= 0, "default_repetition_window must be >= 0")
+        _check(self.default_repetition_max_period >= 1, "default_repetition_max_period must be >= 1")
         _check(self.max_prompt_chars is None or self.max_prompt_chars >= 1, "max_prompt_chars must be >= 1")
 
     @property

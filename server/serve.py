@@ -97,6 +97,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-choices-per-request", type=int, default=16, help="cap on prompts x n")
     g.add_argument("--max-stop-sequences", type=int, default=16)
     g.add_argument("--max-stop-sequence-chars", type=int, default=256)
+    g.add_argument("--default-repetition-window", type=int, default=0,
+                   help="end requests whose last N tokens repeat one short loop (finish_reason length, "
+                        "stop_reason repetition) unless they set repetition_window; 0 (default) = off")
+    g.add_argument("--default-repetition-max-period", type=int, default=8,
+                   help="longest loop (tokens) the default repetition guard looks for")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -169,6 +174,8 @@ def config_from_args(args: argparse.Namespace):
             max_choices_per_request=args.max_choices_per_request,
             max_stop_sequences=args.max_stop_sequences,
             max_stop_sequence_chars=args.max_stop_sequence_chars,
+            default_repetition_window=args.default_repetition_window,
+            default_repetition_max_period=args.default_repetition_max_period,
             drain_timeout_s=args.drain_timeout,
             log_level=args.log_level,
         ),

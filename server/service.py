@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from loramux.adapter_store.errors import AdapterError, InvalidAdapterId
 from loramux.adapter_store.store import AdapterStatus
 from loramux.scheduler.request import FinishReason
-from loramux.scheduler.sampling_params import InvalidSamplingParams, SamplingParams
+from loramux.scheduler.sampling_params import MAX_LOGIT_BIAS_ENTRIES, InvalidSamplingParams, SamplingParams
 from loramux.server.builder import EngineParts
 from loramux.server.engine import AsyncEngine, EngineDead
 from loramux.server.metrics import ServerMetrics
@@ -276,7 +276,39 @@ class GenerationService:
                 f"this request asks for {count} sequences (prompts x n); this server allows at most {limit}", param
             )
 
+    def logit_bias(self, bias: dict[str, float] | None, param: str = "logit_bias") -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} -> (token id, bias) pairs; ids must be in the vocabulary
+        (the values' range is checked with the other sampling parameters)."""
+        if not bias:
+            return ()
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidRequest(f"{param} may name at most {MAX_LOGIT_BIAS_ENTRIES} tokens", param)
+        pairs = []
+        for key, value in bias.items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise InvalidRequest(f"{param} keys must be token ids, got {key[:32]!r}", param) from None
+            if not 0 <= token_id < self.vocab_size:
+                raise InvalidRequest(f"{param}: token id {token_id} is not in [0, {self.vocab_size})", param)
+            pairs.append((token_id, float(value)))
+        return tuple(pairs)
+
+    @staticmethod
+    def adapter_scale(scale: float | None, adapter_id: str | None, param: str = "adapter_scale") -> float:
+        """A request's adapter strength (1.0 when unset); it needs an adapter to scale."""
+        if scale is None:
+            return 1.0
+        if adapter_id is None and scale != 1.0:
+            raise InvalidRequest(f"{param} scales an adapter's delta: name an adapter to use it", param)
+        return scale
+
     def sampling_params(self, **fields) -> SamplingParams:
+        server = self.config.server
+        if fields.get("repetition_window") is None:  # the server's default guard
+            fields["repetition_window"] = server.default_repetition_window
+        if fields.get("repetition_max_period") is None:
+            fields["repetition_max_period"] = server.default_repetition_max_period
         for name, value in fields.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise InvalidRequest(f"{name} must be a finite number", name)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from loramux.scheduler.output import TokenLogprobs
 from loramux.scheduler.request import FinishReason
 from loramux.server.api.auth import check_api_key
+from loramux.server.api.request_fields import KEEP_UNKNOWN, refuse_unknown_fields
 from loramux.server.api.redact import redact_paths
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
 from loramux.server.api.sse import sse_event, sse_response
@@ -66,13 +67,15 @@ def openai_error_response(error: ServiceError, status: int | None = None) -> JSO
 
 
 class StreamOptions(BaseModel):
+    model_config = KEEP_UNKNOWN
+
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
     """What chat and completions requests share (OpenAI fields plus vLLM's extras)."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN/Infinity: 400 naming the field
+    model_config = KEEP_UNKNOWN  # unknown fields: 400 naming them (request_fields.py)
 
     model: str = ""
     temperature: float | None = None
@@ -94,6 +97,12 @@ class SamplingFields(BaseModel):
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    typical_p: float | None = None
+    logit_bias: dict[str, float] | None = None  # {"token id": bias in [-100, 100]}
+    # loramux's extras (the SDK's extra_body): the adapter's strength, the repetition guard
+    adapter_scale: float | None = None
+    repetition_window: int | None = None  # None: the server's --default-repetition-window
+    repetition_max_period: int | None = None
 
 
 class ChatMessage(BaseModel):
@@ -149,8 +158,17 @@ def _resolve_model(service: GenerationService, model: str) -> str | None:
         raise OpenAIError(exc) from None
 
 
+def _refuse_unknown(body: SamplingFields) -> None:
+    try:
+        refuse_unknown_fields(body)
+        if body.stream_options is not None:
+            refuse_unknown_fields(body.stream_options, "stream_options.")
+    except ServiceError as exc:
+        raise OpenAIError(exc) from None
+
+
 def _params(service: GenerationService, body: SamplingFields, prompt_len: int, max_tokens: int | None,
-            max_param: str, logprobs: int | None, prompt_logprobs: int | None):
+            max_param: str, logprobs: int | None, prompt_logprobs: int | None, adapter: str | None):
     if not 1 <= body.n <= MAX_N:
         raise _fail(f"n must be between 1 and {MAX_N}", "n")
     stop = _stops(body.stop)
@@ -163,6 +181,11 @@ def _params(service: GenerationService, body: SamplingFields, prompt_len: int, m
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=0 if body.top_k in (None, -1) else body.top_k,  # vLLM: -1 = off
             min_p=body.min_p or 0.0,
+            typical_p=1.0 if body.typical_p is None else body.typical_p,
+            logit_bias=service.logit_bias(body.logit_bias),
+            adapter_scale=service.adapter_scale(body.adapter_scale, adapter),
+            repetition_window=body.repetition_window,
+            repetition_max_period=body.repetition_max_period,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
@@ -352,6 +375,7 @@ def _chat_logprobs(service: GenerationService, logprobs: list[TokenLogprobs]) ->
 
 
 async def _chat_generations(service: GenerationService, body: ChatCompletionRequest) -> list[Generation]:
+    _refuse_unknown(body)
     if body.tools:
         raise _fail("tools are not supported", "tools")
     if body.response_format and body.response_format.get("type") not in (None, "text"):
@@ -370,7 +394,7 @@ async def _chat_generations(service: GenerationService, body: ChatCompletionRequ
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _generations(
         service, [prompt],
-        lambda n: service.with_seed(_params(service, body, n, max_tokens, param, logprobs, None)),
+        lambda n: service.with_seed(_params(service, body, n, max_tokens, param, logprobs, None, adapter)),
         adapter, "chat", body.n,
     )
 
@@ -505,6 +529,7 @@ def _completion_logprobs(service: GenerationService, entries: list[tuple[int, To
 
 
 async def _completion_generations(service: GenerationService, body: CompletionRequest) -> list[Generation]:
+    _refuse_unknown(body)
     if body.suffix:
         raise _fail("suffix is not supported", "suffix")
     if body.best_of not in (None, body.n):
@@ -516,7 +541,9 @@ async def _completion_generations(service: GenerationService, body: CompletionRe
     prompt_logprobs = body.logprobs if (body.echo and body.logprobs is not None) else None
     return _generations(
         service, prompts,
-        lambda n: service.with_seed(_params(service, body, n, body.max_tokens, "max_tokens", body.logprobs, prompt_logprobs)),
+        lambda n: service.with_seed(
+            _params(service, body, n, body.max_tokens, "max_tokens", body.logprobs, prompt_logprobs, adapter)
+        ),
         adapter, "completions", body.n,
     )
 

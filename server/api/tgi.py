@@ -7,16 +7,20 @@ of one object, streams are `data:{json}` events without a [DONE] marker, and err
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from loramux.scheduler.output import TokenLogprobs
 from loramux.scheduler.request import FinishReason
+from loramux.scheduler.sampling_params import MAX_TOP_LOGPROBS
 from loramux.server.api.auth import check_api_key
 from loramux.server.api.redact import redact_paths
+from loramux.server.api.request_fields import KEEP_UNKNOWN, refuse_unknown_fields
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
 from loramux.server.api.sse import sse_event, sse_response
 from loramux.server.outputs import RequestOutput
@@ -55,7 +59,7 @@ def tgi_error_response(error: ServiceError, status: int | None = None) -> JSONRe
 
 
 class TgiParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN/Infinity: 422 naming the field
+    model_config = KEEP_UNKNOWN  # unknown fields: 422 naming them (request_fields.py)
 
     adapter_id: str | None = None
     adapter_source: str | None = None
@@ -82,25 +86,33 @@ class TgiParameters(BaseModel):
     watermark: bool = False
     response_format: dict | None = None
     return_k_alternatives: int | None = None
+    top_n_tokens: int | None = None  # TGI: the n most likely tokens at each step, in details
+    # loramux's extras: the adapter's strength, the repetition guard
+    adapter_scale: float | None = None
+    repetition_window: int | None = None  # None: the server's --default-repetition-window
+    repetition_max_period: int | None = None
 
 
 class TgiRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = KEEP_UNKNOWN
 
     inputs: str
     parameters: TgiParameters = Field(default_factory=TgiParameters)
     stream: bool = False
 
 
-def _refuse_unsupported(p: TgiParameters) -> None:
+def _refuse_unsupported(body: TgiRequest) -> None:
+    p = body.parameters
+    refuse_unknown_fields(body)
+    refuse_unknown_fields(p, "parameters.")
+    if p.api_token is not None:
+        raise InvalidRequest("api_token is not used: adapters are served from this server's registry", "api_token")
     if p.watermark:
         raise InvalidRequest("watermark is not supported", "watermark")
     if p.merged_adapters:
         raise InvalidRequest("merged_adapters is not supported: name one adapter_id", "merged_adapters")
     if p.response_format:
         raise InvalidRequest("response_format (structured output) is not supported", "response_format")
-    if p.best_of not in (None, 1):
-        raise InvalidRequest("best_of > 1 is not supported", "best_of")
     if p.adapter_source not in (None, "", "hub"):
         raise InvalidRequest(
             f"adapter_source {p.adapter_source!r} is not supported: adapters are served by id from "
@@ -109,9 +121,50 @@ def _refuse_unsupported(p: TgiParameters) -> None:
         )
 
 
+def _is_sampling(p: TgiParameters) -> bool:
+    """TGI: any sampling knob turns sampling on; temperature 0 means greedy."""
+    sample = p.do_sample or any(
+        (p.temperature not in (None, 1.0), p.top_k not in (None, 0), p.top_p not in (None, 1.0),
+         p.typical_p not in (None, 1.0), p.min_p not in (None, 0.0))
+    )
+    return sample and p.temperature != 0
+
+
+def _check_best_of(service: GenerationService, body: TgiRequest, stream: bool) -> int:
+    """TGI's rules: best_of > 1 samples, picks its own seeds and does not stream."""
+    p = body.parameters
+    best_of = 1 if p.best_of is None else p.best_of
+    if best_of < 1:
+        raise InvalidRequest("best_of must be at least 1", "best_of")
+    if best_of == 1:
+        return 1
+    if not _is_sampling(p):
+        raise InvalidRequest("best_of > 1 needs sampling (do_sample or a sampling parameter)", "best_of")
+    if p.seed is not None:
+        raise InvalidRequest("seed must not be set when best_of > 1 (each sequence gets its own)", "best_of")
+    if stream or body.stream:
+        raise InvalidRequest("best_of > 1 is not supported when streaming", "best_of")
+    service.check_choices(best_of, "best_of")
+    return best_of
+
+
+def _top_n_tokens(p: TgiParameters) -> int:
+    n = p.top_n_tokens or 0
+    if not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_n_tokens must be between 0 and {MAX_TOP_LOGPROBS}", "top_n_tokens")
+    return n
+
+
+async def build_generations(service: GenerationService, body: TgiRequest, stream: bool) -> list[Generation]:
+    """The request's sequences: one, or best_of with a seed each."""
+    _refuse_unsupported(body)
+    best_of = _check_best_of(service, body, stream)
+    generation = await build_generation(service, body)
+    return [replace(generation, params=service.with_seed(generation.params)) for _ in range(best_of)]
+
+
 async def build_generation(service: GenerationService, body: TgiRequest) -> Generation:
     p = body.parameters
-    _refuse_unsupported(p)
     adapter = service.resolve_adapter(p.adapter_id)
     stop = tuple(p.stop or ())
     service.check_stops(stop, ())
@@ -125,13 +178,8 @@ async def build_generation(service: GenerationService, body: TgiRequest) -> Gene
         prompt = await service.encode_async(body.inputs, "inputs")
     if p.temperature is not None and p.temperature < 0:
         raise InvalidRequest("temperature must be >= 0", "temperature")
-    # TGI: any sampling knob turns sampling on; temperature 0 means greedy.
-    sample = p.do_sample or any(
-        (p.temperature not in (None, 1.0), p.top_k not in (None, 0), p.top_p not in (None, 1.0),
-         p.typical_p not in (None, 1.0), p.min_p not in (None, 0.0))
-    )
-    temperature = 0.0 if not sample or p.temperature == 0 else (p.temperature or 1.0)
-    k = p.return_k_alternatives
+    temperature = (p.temperature or 1.0) if _is_sampling(p) else 0.0
+    top = max(p.return_k_alternatives or 0, _top_n_tokens(p))
     params = service.sampling_params(
         max_tokens=service.max_new_tokens(len(prompt), p.max_new_tokens, "max_new_tokens"),
         temperature=temperature,
@@ -145,16 +193,31 @@ async def build_generation(service: GenerationService, body: TgiRequest) -> Gene
         seed=p.seed,
         stop=stop,
         ignore_eos=p.ignore_eos_token,
-        logprobs=k or 0,  # every token carries a numeric logprob
-        prompt_logprobs=(k or 0) if p.decoder_input_details else None,
+        logprobs=top,  # every token carries a numeric logprob
+        prompt_logprobs=(p.return_k_alternatives or 0) if p.decoder_input_details else None,
+        adapter_scale=service.adapter_scale(p.adapter_scale, adapter),
+        repetition_window=p.repetition_window,
+        repetition_max_period=p.repetition_max_period,
     )
-    return Generation(prompt, service.with_seed(params), adapter, "generate")
+    return Generation(prompt, params, adapter, "generate")
 
 
 def finish_reason(output: RequestOutput) -> str:
     if output.finish_reason is FinishReason.STOP:
         return "stop_sequence" if isinstance(output.stop_reason, str) else "eos_token"
     return "length"  # max tokens, context length, or the repetition guard's cut
+
+
+def _finish_details(output: RequestOutput) -> dict:
+    """finish_reason, and for the repetition guard's cut a stop_reason saying why."""
+    details = {"finish_reason": finish_reason(output)}
+    if output.finish_reason is FinishReason.REPETITION:
+        details["stop_reason"] = "repetition"
+    return details
+
+
+def _alternatives(service: GenerationService, lp: TokenLogprobs | None, count: int) -> list[dict]:
+    return [{"id": i, "text": service.token_text(i), "logprob": v} for i, v in (lp.top[:count] if lp else ())]
 
 
 def token_json(service: GenerationService, token_id: int, text: str, lp: TokenLogprobs | None, k: int | None) -> dict:
@@ -166,10 +229,13 @@ def token_json(service: GenerationService, token_id: int, text: str, lp: TokenLo
         "skipped": False,
     }
     if k:
-        token["alternative_tokens"] = [
-            {"id": i, "text": service.token_text(i), "logprob": v} for i, v in (lp.top if lp else ())
-        ]
+        token["alternative_tokens"] = _alternatives(service, lp, k)
     return token
+
+
+def top_tokens_json(service: GenerationService, lp: TokenLogprobs | None, n: int) -> list[dict]:
+    """TGI's top_tokens entry of one step: the n most likely tokens."""
+    return [{**alt, "special": service.is_special(alt["id"])} for alt in _alternatives(service, lp, n)]
 
 
 def prefill_json(service: GenerationService, generation: Generation, prompt_logprobs: list[TokenLogprobs]) -> list[dict]:
@@ -180,27 +246,77 @@ def prefill_json(service: GenerationService, generation: Generation, prompt_logp
     ]
 
 
-async def _generate(service: GenerationService, body: TgiRequest, generation: Generation,
-                    admission: Admission) -> dict:
+@dataclass
+class _Sequence:
+    """One sequence's outputs, accumulated to its end."""
+
+    generation: Generation
+    text: str = ""
+    tokens: list[dict] = field(default_factory=list)
+    top_tokens: list[list[dict]] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    logprob_sum: float = 0.0  # best_of ranks sequences by it
+    last: RequestOutput | None = None
+
+    def details(self, service: GenerationService, p: TgiParameters) -> dict:
+        details = {
+            **_finish_details(self.last),
+            "generated_tokens": self.last.num_output_tokens,
+            "seed": self.generation.params.seed if not self.generation.params.greedy else None,
+            "prefill": prefill_json(service, self.generation, self.prompt_logprobs) if p.decoder_input_details else [],
+            "tokens": self.tokens,
+        }
+        if p.top_n_tokens:
+            details["top_tokens"] = self.top_tokens
+        return details
+
+    def generated_text(self, body: TgiRequest) -> str:
+        return (body.inputs + self.text) if body.parameters.return_full_text else self.text
+
+
+async def _collect(service: GenerationService, body: TgiRequest, generation: Generation, request_id: str,
+                   admission: Admission) -> _Sequence:
     p = body.parameters
-    text, tokens, prompt_logprobs, last = "", [], [], None
-    async for output in service.stream(generation, current_request_id(), admission):
-        text += output.new_text
-        prompt_logprobs += output.prompt_logprobs
+    sequence = _Sequence(generation)
+    async for output in service.stream(generation, request_id, admission):
+        sequence.text += output.new_text
+        sequence.prompt_logprobs += output.prompt_logprobs
         for token_id, lp in zip(output.new_token_ids, output.new_logprobs or [None] * len(output.new_token_ids)):
-            tokens.append(token_json(service, token_id, output.new_text, lp, p.return_k_alternatives))
-        last = output
-    response: dict = {"generated_text": (body.inputs + text) if p.return_full_text else text}
+            sequence.tokens.append(token_json(service, token_id, output.new_text, lp, p.return_k_alternatives))
+            if p.top_n_tokens:
+                sequence.top_tokens.append(top_tokens_json(service, lp, p.top_n_tokens))
+            sequence.logprob_sum += lp.logprob if lp is not None else 0.0
+        sequence.last = output
+    return sequence
+
+
+async def _generate(service: GenerationService, body: TgiRequest, generations: list[Generation],
+                    admission: Admission) -> dict:
+    """Run every sequence (best_of of them at once) and answer with the most likely one
+    (highest cumulative logprob); the others go to details.best_of_sequences (LoRAX)."""
+    request_id = current_request_id()
+    ids = [request_id] if len(generations) == 1 else [f"{request_id}-{i}" for i in range(len(generations))]
+    try:
+        async with asyncio.TaskGroup() as group:  # the first failure cancels the siblings
+            tasks = [group.create_task(_collect(service, body, g, i, admission)) for g, i in zip(generations, ids)]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    sequences = [t.result() for t in tasks]
+    best = max(range(len(sequences)), key=lambda i: sequences[i].logprob_sum)
+    chosen = sequences[best]
+    p = body.parameters
+    response: dict = {"generated_text": chosen.generated_text(body)}
     if p.details or p.decoder_input_details:
         response["details"] = {
-            "finish_reason": finish_reason(last),
-            "prompt_tokens": len(generation.prompt_token_ids),
-            "generated_tokens": last.num_output_tokens,
+            **chosen.details(service, p),
+            "prompt_tokens": len(chosen.generation.prompt_token_ids),
             "skipped_tokens": 0,
-            "seed": generation.params.seed if not generation.params.greedy else None,
-            "prefill": prefill_json(service, generation, prompt_logprobs) if p.decoder_input_details else [],
-            "tokens": tokens,
         }
+        if len(sequences) > 1:
+            response["details"]["best_of_sequences"] = [
+                {"generated_text": s.generated_text(body), **s.details(service, p)}
+                for i, s in enumerate(sequences) if i != best
+            ]
     return response
 
 
@@ -219,10 +335,12 @@ async def _stream_events(service: GenerationService, body: TgiRequest, generatio
                 "generated_text": None,
                 "details": None,
             }
+            if p.top_n_tokens:
+                event["top_tokens"] = top_tokens_json(service, lp, p.top_n_tokens)
             if output.finished:
                 event["generated_text"] = (body.inputs + text) if p.return_full_text else text
                 event["details"] = {
-                    "finish_reason": finish_reason(output),
+                    **_finish_details(output),
                     "prompt_tokens": len(generation.prompt_token_ids),
                     "generated_tokens": output.num_output_tokens,
                     "seed": generation.params.seed if not generation.params.greedy else None,
@@ -236,14 +354,14 @@ async def _run(request: Request, body: TgiRequest, service: GenerationService, s
     """Validation and admission (429/503) happen before the response starts: a stream that
     cannot run gets a plain 4xx/5xx, never an error event after a 200."""
     try:
-        generation = await build_generation(service, body)
-        admission = service.admit(1, "generate", generation.adapter_id)
+        generations = await build_generations(service, body, stream)
+        admission = service.admit(len(generations), "generate", generations[0].adapter_id)
     except ServiceError as exc:
         raise TgiError(exc) from None
     if stream:
-        return sse_response(_stream_events(service, body, generation, admission), on_close=admission.release)
+        return sse_response(_stream_events(service, body, generations[0], admission), on_close=admission.release)
     try:
-        return await cancel_on_disconnect(request, _generate(service, body, generation, admission))
+        return await cancel_on_disconnect(request, _generate(service, body, generations, admission))
     except ServiceError as exc:
         raise TgiError(exc) from None
     finally:
@@ -278,7 +396,7 @@ async def info(request: Request, service: GenerationService = Depends(get_servic
         "model_device_type": config.model.device,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": config.server.max_concurrent_requests,
-        "max_best_of": 1,
+        "max_best_of": config.server.max_choices_per_request,
         "max_stop_sequences": config.server.max_stop_sequences,
         "max_stop_sequence_chars": config.server.max_stop_sequence_chars,
         "max_input_length": service.prompt_token_limit,

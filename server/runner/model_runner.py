@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from loramux.kernels.metadata import NO_ADAPTER, LoraBatchInfo, stage_lora_batch_info
+from loramux.kernels.metadata import NO_ADAPTER, LoraBatchInfo, build_lora_batch_info, stage_lora_batch_info
 from loramux.kernels.staging import DeviceUpload
 from loramux.scheduler.output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from loramux.scheduler.request import BASE_SLOT, Request
 from loramux.server.models.protocol import ForwardBatch, ServingModel
-from loramux.server.runner.sampler import Sampler, token_logprobs
+from loramux.server.runner.sampler import Sampler, batch_token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ class ModelRunner:
 
     def prepare(self, scheduler_output: SchedulerOutput) -> PreparedStep:
         scheduled = list(zip(scheduler_output.scheduled_requests, scheduler_output.num_scheduled_tokens))
-        # Stable sort: each adapter's tokens become one contiguous run (a LoRA segment).
-        scheduled.sort(key=lambda pair: _slot(pair[0]))
+        # Stable sort: each (adapter, scale) pair's tokens become one contiguous run (a LoRA segment).
+        scheduled.sort(key=lambda pair: (_slot(pair[0]), _scale(pair[0])))
         requests = [r for r, _ in scheduled]
         num_tokens = [n for _, n in scheduled]
         input_ids: list[int] = []
@@ -81,9 +81,13 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         # Every builder stages its host tensors; they reach the device in one copy.
         upload = DeviceUpload(self.model.device)
-        finish_lora = stage_lora_batch_info([_slot(r) for r in requests], num_tokens, None, upload)
-        sample_slots = [_slot(requests[i]) for i in sample_indices]
-        finish_sample_lora = stage_lora_batch_info(sample_slots, [1] * len(sample_slots), None, upload)
+        finish_lora = stage_lora_batch_info(
+            [_slot(r) for r in requests], num_tokens, [_scale(r) for r in requests], upload
+        )
+        sampled = [requests[i] for i in sample_indices]
+        finish_sample_lora = stage_lora_batch_info(
+            [_slot(r) for r in sampled], [1] * len(sampled), [_scale(r) for r in sampled], upload
+        )
         finish_attention = self.model.attention_backend.stage_metadata(
             [r.num_computed_tokens for r in requests],
             num_tokens,
@@ -180,13 +184,21 @@ class ModelRunner:
                 result[request.request_id] = []
                 continue
             rows = hidden[step.row_starts[index] : step.row_starts[index] + (end - start)]
-            lora = build_lora_batch_info([_slot(request)], [len(rows)], device=rows.device)
+            lora = build_lora_batch_info([_slot(request)], [len(rows)], [_scale(request)], device=rows.device)
             logprobs = torch.log_softmax(self.compute_logits(rows, lora), dim=-1)
             targets = request.all_token_ids[start + 1 : end + 1]
-            result[request.request_id] = [token_logprobs(row, t, top) for row, t in zip(logprobs, targets)]
+            result[request.request_id] = batch_token_logprobs(logprobs, targets, [top] * len(targets))
         return result
 
 
 def _slot(request: Request) -> int:
+    """The slot whose delta the request's rows get; scale 0 asks for the base model alone."""
     slot = request.adapter_slot
-    return NO_ADAPTER if slot is None or slot == BASE_SLOT else slot
+    if slot is None or slot == BASE_SLOT or request.sampling_params.adapter_scale == 0.0:
+        return NO_ADAPTER
+    return slot
+
+
+def _scale(request: Request) -> float:
+    """The multiplier of the request's LoRA delta (LoraBatchInfo.seg_scales)."""
+    return 1.0 if _slot(request) == NO_ADAPTER else request.sampling_params.adapter_scale

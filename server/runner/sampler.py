@@ -1,8 +1,11 @@
-"""Per-request sampling inside one batch: penalties, greedy or random draws, logprobs.
+"""Per-request sampling inside one batch, on batch tensors: bias, penalties, greedy or
+random draws, logprobs.
 
-Each row has its own parameters. A request with a seed draws from its own generator, once
-per step and over the whole vocabulary, so its tokens do not depend on what else is in the
-batch. Logprobs are those of the model's distribution (before penalties and temperature).
+Each row has its own parameters, gathered once per step into `SamplingMetadata`; every
+filter runs on all rows that use it at once. A request with a seed draws from its own
+generator, once per step and over the whole vocabulary, so its tokens do not depend on
+what else is in the batch. Logprobs are those of the model's distribution (before logit
+bias, penalties and temperature).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 
 from loramux.scheduler.output import TokenLogprobs
 from loramux.scheduler.request import Request
-from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.runner.sampling_metadata import Filters, Penalties, SamplingMetadata, build_sampling_metadata
 
 
 class Sampler:
@@ -42,95 +45,108 @@ class Sampler:
         self, logits: torch.Tensor, requests: Sequence[Request]
     ) -> tuple[list[int], dict[str, TokenLogprobs]]:
         """logits: fp32 [n, vocab], row i belongs to requests[i]. Returns a token per row."""
-        params = [r.sampling_params for r in requests]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        logits = _apply_penalties(logits, requests)
+        meta = build_sampling_metadata(requests, logits.shape[-1], logits.device)
+        raw_logprobs = None
+        if meta.logprob_rows:
+            rows = torch.tensor(meta.logprob_rows, dtype=torch.int64, device=logits.device)
+            raw_logprobs = torch.log_softmax(logits[rows], dim=-1)  # [num_logprob_rows, vocab]
+        logits = _adjusted_logits(logits, meta)
         tokens = logits.argmax(dim=-1)  # [n]; greedy rows keep it
-        for i, (request, p) in enumerate(zip(requests, params)):
-            if not p.greedy:
-                probs = _filtered_probs(logits[i], p)  # [vocab]
-                noise = torch.empty_like(probs).exponential_(generator=self._generator(request))
-                tokens[i] = (probs / noise).argmax()  # exponential race = a draw from probs
+        if meta.filters is not None:
+            probs = filtered_probs(logits[meta.filters.rows], meta.filters)  # [m, vocab]
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(meta.random_indices):
+                noise[j].exponential_(generator=self._generator(requests[i]))
+            tokens[meta.filters.rows] = (probs / noise).argmax(dim=-1)  # exponential race = a draw
         token_list = tokens.tolist()
-        logprobs = {}
+        logprobs: dict[str, TokenLogprobs] = {}
         if raw_logprobs is not None:
-            for i, request in enumerate(requests):
-                if want_logprobs[i]:
-                    logprobs[request.request_id] = token_logprobs(
-                        raw_logprobs[i], token_list[i], params[i].logprobs or 0
-                    )
+            chosen = [token_list[i] for i in meta.logprob_rows]
+            entries = batch_token_logprobs(raw_logprobs, chosen, meta.logprob_tops)
+            logprobs = {requests[i].request_id: e for i, e in zip(meta.logprob_rows, entries)}
         return token_list, logprobs
 
 
-def token_logprobs(row: torch.Tensor, token_id: int, top: int) -> TokenLogprobs:
-    """row: fp32 [vocab] logprobs."""
-    chosen = row[token_id]
-    rank = int((row > chosen).sum()) + 1
-    top_pairs: tuple[tuple[int, float], ...] = ()
-    if top > 0:
-        values, ids = row.topk(top)
-        top_pairs = tuple(zip(ids.tolist(), values.tolist()))
-    return TokenLogprobs(token_id=token_id, logprob=float(chosen), rank=rank, top=top_pairs)
-
-
-def _apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-    rows = [
-        i
-        for i, r in enumerate(requests)
-        if r.sampling_params.repetition_penalty != 1.0
-        or r.sampling_params.presence_penalty
-        or r.sampling_params.frequency_penalty
+def batch_token_logprobs(logprobs: torch.Tensor, token_ids: Sequence[int], tops: Sequence[int]) -> list[TokenLogprobs]:
+    """logprobs: fp32 [m, vocab]; row j scores token_ids[j] and lists its tops[j] best."""
+    if not token_ids:
+        return []
+    ids = torch.tensor(token_ids, dtype=torch.int64, device=logprobs.device).unsqueeze(1)  # [m, 1]
+    chosen = logprobs.gather(1, ids)  # [m, 1]
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    k = max(tops)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], ids[:, :0])
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        TokenLogprobs(token_id=t, logprob=c, rank=r, top=tuple(zip(i[:top], v[:top])))
+        for t, c, r, i, v, top in zip(token_ids, chosen.squeeze(1).tolist(), ranks, top_ids, top_values, tops)
     ]
-    if not rows:
+
+
+def _adjusted_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Logit bias, then penalties; a copy where anything changes. [n, vocab]"""
+    if meta.logit_bias is None and meta.penalties is None:
         return logits
     logits = logits.clone()
-    vocab = logits.shape[-1]
-    for i in rows:
-        request, p = requests[i], requests[i].sampling_params
-        row = logits[i]
-        if p.repetition_penalty != 1.0:
-            # transformers' RepetitionPenaltyLogitsProcessor, over prompt and output.
-            seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.int64, device=row.device)
-            seen = seen[seen < vocab]
-            values = row[seen]
-            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and request.output_token_ids:
-            # OpenAI semantics, over the generated tokens only.
-            ids = torch.tensor(request.output_token_ids, dtype=torch.int64, device=row.device)
-            counts = torch.bincount(ids, minlength=vocab)[:vocab].to(row.dtype)
-            row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
+    if meta.logit_bias is not None:
+        bias = meta.logit_bias
+        logits.index_put_((bias.rows, bias.token_ids), bias.values, accumulate=True)
+    if meta.penalties is not None:
+        _penalize(logits, meta.penalties)
     return logits
 
 
-def _filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p, min-p and typical-p filtering; returns probs [vocab]."""
-    row = row / p.temperature
-    if p.top_k and p.top_k < row.shape[-1]:
-        kth = row.topk(p.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    probs = torch.softmax(row, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    if p.typical_p < 1.0:
-        probs = _typical_filter(probs, p.typical_p)
-    return probs / probs.sum()
+def _penalize(logits: torch.Tensor, p: Penalties) -> None:
+    """In place on logits [n, vocab]: HF's repetition penalty on seen tokens, then OpenAI's
+    frequency (per occurrence) and presence (once) penalties on generated ones. A pair that
+    occurs twice writes the same value twice, so duplicates need no dedup."""
+    if p.seen_ids.numel():
+        seen = (p.seen_rows, p.seen_ids)
+        values = logits[seen]
+        logits.index_put_(seen, torch.where(values > 0, values / p.seen_penalty, values * p.seen_penalty))
+    if p.output_ids.numel():
+        out = (p.output_rows, p.output_ids)
+        logits.index_put_(out, -p.frequency, accumulate=True)
+        logits.index_put_(out, logits[out] - p.presence)
 
 
-def _typical_filter(probs: torch.Tensor, mass: float) -> torch.Tensor:
-    """transformers' TypicalLogitsWarper: keep tokens closest to the entropy, up to `mass`."""
+def filtered_probs(logits: torch.Tensor, f: Filters) -> torch.Tensor:
+    """Temperature, then top-k, top-p, min-p and typical-p filtering.
+
+    logits: fp32 [m, vocab]; returns unnormalized probs [m, vocab] (zero = filtered out).
+    """
+    logits = logits / f.temperature
+    if f.top_k is None and f.top_p is None and f.min_p is None:
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [m, vocab]
+        if f.top_k is not None:
+            # Ties with the k-th logit stay, as with a plain `logits < kth` mask.
+            kth = sorted_logits.gather(1, f.top_k - 1)  # [m, 1]
+            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        if f.top_p is not None:
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            # Rows with top_p = 1 keep everything (a rounded cumsum may reach 1 early).
+            outside = ((sorted_probs.cumsum(dim=-1) - sorted_probs) >= f.top_p) & (f.top_p < 1.0)
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        if f.min_p is not None:
+            sorted_probs = sorted_probs.masked_fill(sorted_probs < f.min_p * sorted_probs[:, :1], 0.0)
+        probs = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+    if f.typical_rows is not None:
+        probs[f.typical_rows] = _typical(probs[f.typical_rows], f.typical_p)
+    return probs
+
+
+def _typical(probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """transformers' TypicalLogitsWarper on probs [t, vocab]: keep the tokens whose surprise
+    is closest to the entropy, through the one whose cumulative mass crosses `mass` [t, 1]."""
+    probs = probs / probs.sum(dim=-1, keepdim=True)
     logp = torch.log(probs.clamp_min(1e-30))
-    entropy = -(probs * logp).nansum()
-    surprise_gap = (-logp - entropy).abs()
-    gaps, order = surprise_gap.sort()
-    sorted_probs = probs[order]
-    cumulative = sorted_probs.cumsum(-1)
-    last = int((cumulative < mass).sum())  # keep through the token that crosses `mass`
-    keep = torch.zeros_like(probs, dtype=torch.bool)
-    keep[order[: last + 1]] = True
+    entropy = -(probs * logp).sum(dim=-1, keepdim=True)  # [t, 1]
+    _, order = (-logp - entropy).abs().sort(dim=-1)
+    cumulative = probs.gather(1, order).cumsum(dim=-1)  # [t, vocab]
+    last = (cumulative < mass).sum(dim=-1, keepdim=True)  # [t, 1] position of the crossing token
+    positions = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, positions <= last)
     return probs.masked_fill(~keep, 0.0)

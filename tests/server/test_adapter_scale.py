@@ -1,0 +1,88 @@
+"""Per-request adapter strength (`adapter_scale`) on a tiny random model in fp32: 0 is the
+base model, 1 the adapter as trained, and strengths of one adapter share a batch as
+segments of their own, each giving what it gives alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from loramux.kernels.metadata import NO_ADAPTER
+from loramux.scheduler.output import SchedulerOutput
+from loramux.scheduler.request import Request
+from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.offline import OfflineEngine, OfflineRequest
+from tests.engine_fixtures import build_core
+from tests.peft_adapters import AdapterRecipe, make_peft_adapter
+
+MAX_TOKENS = 10
+PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps by the warm fire"
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_chat_model, tmp_path_factory):
+    directory, hf = tiny_chat_model
+    out = tmp_path_factory.mktemp("scale-adapters")
+    return {"alpha": make_peft_adapter(hf, AdapterRecipe("alpha", r=8, seed=1, b_std=0.3), out)}
+
+
+@pytest.fixture()
+def core(tiny_chat_model, smol_tokenizer, adapters):
+    return build_core(tiny_chat_model[0], smol_tokenizer, adapters)
+
+
+@pytest.fixture()
+def ids(smol_tokenizer) -> list[int]:
+    return smol_tokenizer(PROMPT, add_special_tokens=False).input_ids
+
+
+def params(scale: float | None = None) -> SamplingParams:
+    extra = {} if scale is None else {"adapter_scale": scale}
+    return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, **extra)
+
+
+def run(core, requests: list[tuple[str | None, float | None]], ids: list[int]) -> list[list[int]]:
+    results = OfflineEngine(core).generate([OfflineRequest(ids, params(s), a) for a, s in requests])
+    return [r.token_ids for r in results]
+
+
+def test_scale_zero_is_the_base_model_and_one_is_the_adapter(core, ids):
+    [base] = run(core, [(None, None)], ids)
+    [adapter] = run(core, [("alpha", None)], ids)
+    assert base != adapter  # the adapter changes this prompt's tokens at all
+    assert run(core, [("alpha", 0.0)], ids) == [base]
+    assert run(core, [("alpha", 1.0)], ids) == [adapter]
+
+
+def test_mixed_strengths_in_one_batch_match_each_alone(tiny_chat_model, smol_tokenizer, adapters, ids):
+    mix = [("alpha", 0.5), (None, None), ("alpha", 1.0), ("alpha", 2.0), ("alpha", 0.0), ("alpha", 0.5)]
+    solo = build_core(tiny_chat_model[0], smol_tokenizer, adapters)
+    alone = [run(solo, [r], ids)[0] for r in mix]  # one after the other: each alone in its batch
+    together = run(build_core(tiny_chat_model[0], smol_tokenizer, adapters), mix, ids)
+    assert together == alone
+    half, base, full, double = alone[0], alone[1], alone[2], alone[3]
+    assert len({tuple(half), tuple(base), tuple(full), tuple(double)}) == 4  # each strength is its own model
+
+
+def test_segments_split_where_the_scale_changes(core, ids):
+    requests = []  # alpha sits in slot 0 (build_core writes the adapters in order)
+    blocks_each = -(-len(ids) // 16)
+    for i, (name, scale) in enumerate((("a", 0.5), ("b", 1.0), ("c", 0.5), ("d", 0.0))):
+        r = Request(name, list(ids), params(scale), adapter_id="alpha")
+        r.adapter_slot = 0
+        r.block_ids = list(range(i * blocks_each, (i + 1) * blocks_each))
+        requests.append(r)
+    step = core.runner.prepare(SchedulerOutput(requests, [len(ids)] * 4, 4 * len(ids)))
+    info = step.batch.lora
+    # Sorted by (slot, scale): the base-like scale-0 row first, then alpha at 0.5 (two
+    # requests, one segment) and alpha at 1.0.
+    assert info.slot_indices_host == (NO_ADAPTER, 0, 0)
+    assert info.seg_scales_host == (1.0, 0.5, 1.0)
+    assert info.seg_indptr_host == (0, len(ids), 3 * len(ids), 4 * len(ids))
+
+
+def test_a_cached_prefix_is_never_shared_across_strengths(tiny_chat_model, smol_tokenizer, adapters, ids):
+    fresh = run(build_core(tiny_chat_model[0], smol_tokenizer, adapters), [("alpha", 0.5)], ids)
+    core = build_core(tiny_chat_model[0], smol_tokenizer, adapters)
+    run(core, [("alpha", 1.0)], ids)  # fills the prefix cache under the full-strength adapter
+    assert run(core, [("alpha", 0.5)], ids) == fresh
+    assert run(core, [("alpha", 0.0)], ids) == run(core, [(None, None)], ids)
