@@ -37,6 +37,9 @@ class SamplingParams:
     repetition_window: int = 0
     repetition_max_period: int = 8
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    # A compiled grammar (server/structured) the output must follow; None = free. Opaque
+    # to the scheduler: only the runner's grammar masks read it.
+    grammar: object | None = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens must be at least 1")
