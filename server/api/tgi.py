@@ -8,6 +8,7 @@ of one object, streams are `data:{json}` events without a [DONE] marker, and err
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -28,12 +29,15 @@ from loramux.server.service import (
     InvalidRequest,
     ServiceError,
     ShuttingDown,
+    grammar_errors_are_400,
 )
+from loramux.server.structured.spec import from_response_format, from_tgi_grammar, one_of
 
 router = APIRouter()
 
 STATUS = {"validation": 422, "forbidden": 403, "not_found": 404, "too_large": 413, "overloaded": 429,
-          "unavailable": 503, "generation": 424, "internal": 500}
+          "unavailable": 503, "generation": 424, "internal": 500,
+          "invalid_grammar": 400}  # a grammar that cannot be compiled: 400 on every route
 
 
 class TgiError(Exception):
@@ -82,6 +86,7 @@ class TgiParameters(BaseModel):
     watermark: bool = False
     response_format: dict | None = None
     return_k_alternatives: int | None = None
+    grammar: dict | None = None  # TGI: {"type": "json" | "regex", "value": ...}
 
 
 class TgiRequest(BaseModel):
@@ -97,8 +102,6 @@ def _refuse_unsupported(p: TgiParameters) -> None:
         raise InvalidRequest("watermark is not supported", "watermark")
     if p.merged_adapters:
         raise InvalidRequest("merged_adapters is not supported: name one adapter_id", "merged_adapters")
-    if p.response_format:
-        raise InvalidRequest("response_format (structured output) is not supported", "response_format")
     if p.best_of not in (None, 1):
         raise InvalidRequest("best_of > 1 is not supported", "best_of")
     if p.adapter_source not in (None, "", "hub"):
@@ -113,6 +116,8 @@ async def build_generation(service: GenerationService, body: TgiRequest) -> Gene
     p = body.parameters
     _refuse_unsupported(p)
     adapter = service.resolve_adapter(p.adapter_id)
+    with grammar_errors_are_400():
+        grammar_spec = one_of(from_response_format(p.response_format), from_tgi_grammar(p.grammar))
     stop = tuple(p.stop or ())
     service.check_stops(stop, ())
     if p.truncate is not None:
@@ -148,6 +153,7 @@ async def build_generation(service: GenerationService, body: TgiRequest) -> Gene
         logprobs=k or 0,  # every token carries a numeric logprob
         prompt_logprobs=(k or 0) if p.decoder_input_details else None,
     )
+    params = replace(params, grammar=await service.compile_grammar(grammar_spec))
     return Generation(prompt, service.with_seed(params), adapter, "generate")
 
 
