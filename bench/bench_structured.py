@@ -118,16 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         "grammar_engine": f"xgrammar {version('xgrammar')}",
         "lscpu_flags": flags,
     }
-    path = write_result("bench_structured", payload) if args.out is None else _write(args.out, payload)
+    if args.out is None:
+        path = write_result("bench_structured", payload)
+    else:  # smoke runs keep bench/results clean
+        path = args.out
+        path.write_text(json.dumps(payload, indent=1))
     print(f"  ratio {ratio:.3f} (target >= 0.85); {path}")
     print(f"bench-structured: free_tok_s={a['median']:.1f} constrained_mix_tok_s={b['median']:.1f} "
           f"ratio={ratio:.3f} mask_us_per_token={stats.us_per_token:.1f}")
     return 0
-
-
-def _write(path: Path, payload: dict) -> Path:
-    path.write_text(json.dumps(payload, indent=1))
-    return path
 
 
 if __name__ == "__main__":
