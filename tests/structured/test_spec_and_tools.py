@@ -139,6 +139,12 @@ def test_the_tool_grammar_compiles_and_only_admits_valid_calls(compiler, smol_to
     assert not xgrammar.GrammarMatcher(grammar).accept_string(bad)
     free_text = xgrammar.GrammarMatcher(grammar).accept_string("Sunny today.")
     assert free_text == (choice == "auto")  # only auto lets the model answer in text
+    two = xgrammar.GrammarMatcher(grammar)
+    assert two.accept_string(good)
+    clock = f'{TOOL_CALL_OPEN}\n{{"name": "clock", "arguments": {{}}}}\n{TOOL_CALL_CLOSE}'
+    assert not two.accept_string(f"\n{clock}")  # parallel_tool_calls=False: one call
+    parallel = compiler.compile_sync(parse_tool_calling([WEATHER, CLOCK], "required", True).grammar_spec())
+    assert xgrammar.GrammarMatcher(parallel).accept_string(f"{good}\n{clock}")
 
 
 def test_generic_rendering_of_tools_and_history():
