@@ -8,7 +8,7 @@ export LORAMUX_HOME ?= $(HOME)/.cache/loramux
 MODEL_DIR := $(LORAMUX_HOME)/models/smollm2-135m-instruct
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install install-ray prometheus model serve test test-slow test-dashboard test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak bench-prefix bench-lora-bf16 eval bench-replicas clean
+.PHONY: install install-ray prometheus model serve test test-slow test-dashboard test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak bench-prefix bench-lora-bf16 eval bench-replicas bench-structured clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -99,6 +99,11 @@ bench-prefix: install model
 # The CPU LoRA path at decode shapes in bf16 and fp32 (C kernels, torch): the fastest here.
 bench-lora-bf16: install
 	$(BIN)/python -m bench.bench_lora_bf16
+
+# W16 (16 chat requests, 8 adapters, 64 new tokens) free against half of it under a JSON
+# schema; target ratio >= 0.85. Result: bench/results/bench_structured.json.
+bench-structured: install model
+	$(BIN)/python -m bench.bench_structured
 
 # bf16 accuracy against fp32 on held-out text (bench/eval_data), base and demo adapters;
 # last line: eval: max_ppl_increase_pct=X min_top1_agreement=Y

@@ -50,6 +50,9 @@ class SamplingParams:
     # Multiplies this request's LoRA delta: 0 = the base model, 1 = the adapter as trained.
     adapter_scale: float = 1.0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    # A compiled grammar (server/structured) the output must follow; None = free. Opaque
+    # to the scheduler: only the runner's grammar masks read it.
+    grammar: object | None = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens must be at least 1")

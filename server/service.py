@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from loramux.adapter_store.errors import AdapterError, InvalidAdapterId
@@ -26,6 +27,9 @@ from loramux.server.builder import EngineParts
 from loramux.server.engine import AsyncEngine, EngineDead
 from loramux.server.metrics import ServerMetrics
 from loramux.server.outputs import RequestOutput
+from loramux.server.structured.compiler import GrammarCompiler
+from loramux.server.structured.spec import GrammarError, GrammarSpec
+from loramux.server.structured.tools import template_knows_tools
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,21 @@ class ServiceError(Exception):
 
 class InvalidRequest(ServiceError):
     kind = "validation"
+
+
+class InvalidGrammar(InvalidRequest):
+    """A response_format / grammar / tools field the grammar engine cannot use: 400 on every route."""
+
+    kind = "invalid_grammar"
+
+
+@contextmanager
+def grammar_errors_are_400():
+    """Reading grammar and tool fields: a GrammarError becomes InvalidGrammar (400, its field)."""
+    try:
+        yield
+    except GrammarError as exc:
+        raise InvalidGrammar(str(exc), exc.param) from None
 
 
 class UnknownAdapter(ServiceError):
@@ -117,9 +136,11 @@ class GenerationService:
         self._engine_ids = itertools.count()  # engine ids stay unique when a client reuses X-Request-Id
         self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="loramux-tokenize")
         self.draining = False  # SIGTERM: refuse new requests, let running ones finish
+        self.grammars = GrammarCompiler(self.tokenizer, parts.model.spec.vocab_size, parts.eos_token_ids)
 
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self.grammars.close()
 
     @property
     def num_in_flight(self) -> int:
@@ -205,6 +226,17 @@ class GenerationService:
         ids = await self._off_loop(render)
         self.check_prompt(ids, "messages")
         return ids
+
+    def template_knows_tools(self, chat_template: str | None = None) -> bool:
+        return template_knows_tools(chat_template or getattr(self.tokenizer, "chat_template", None))
+
+    async def compile_grammar(self, spec: GrammarSpec | None) -> object | None:
+        """The compiled grammar for SamplingParams.grammar (None: free output), compiled at
+        admission off the event loop; a grammar it cannot compile is a 400 naming the field."""
+        if spec is None:
+            return None
+        with grammar_errors_are_400():
+            return await self.grammars.compile(spec)
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids

@@ -24,14 +24,31 @@ from loramux.server.api.redact import redact_paths
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
 from loramux.server.api.sse import sse_event, sse_response
 from loramux.server.outputs import RequestOutput
-from loramux.server.service import Admission, Generation, GenerationService, InvalidRequest, ServiceError
+from loramux.server.service import (
+    Admission,
+    Generation,
+    GenerationService,
+    InvalidRequest,
+    ServiceError,
+    grammar_errors_are_400,
+)
+from loramux.server.structured.spec import from_response_format, from_structured_outputs, one_of
+from loramux.server.structured.tools import (
+    ToolCallParser,
+    ToolCalling,
+    check_history,
+    parse_tool_calling,
+    parse_tool_calls,
+    render_history,
+)
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
 STATUS = {"validation": 400, "forbidden": 403, "not_found": 404, "too_large": 413, "overloaded": 429,
-          "unavailable": 503, "generation": 500, "internal": 500}
+          "unavailable": 503, "generation": 500, "internal": 500, "invalid_grammar": 400}
 TYPES = {
     "validation": "BadRequestError",
+    "invalid_grammar": "BadRequestError",
     "forbidden": "PermissionDeniedError",
     "not_found": "NotFoundError",
     "overloaded": "RateLimitError",
@@ -105,29 +122,42 @@ class SamplingFields(BaseModel):
     repetition_max_period: int | None = None
 
 
+class StructuredFields(BaseModel):
+    """Constrained output (server/structured): OpenAI's response_format, vLLM's structured_outputs."""
+
+    response_format: dict | None = None
+    structured_outputs: dict | None = None  # {"json": schema} or {"regex": pattern}
+
+    def grammar_spec(self):
+        return one_of(from_response_format(self.response_format), from_structured_outputs(self.structured_outputs))
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call they answer
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, StructuredFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict] | None = None
-    response_format: dict | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     # Client templates are code-like Jinja: refused unless --trust-request-chat-template.
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, StructuredFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
@@ -374,12 +404,9 @@ def _chat_logprobs(service: GenerationService, logprobs: list[TokenLogprobs]) ->
     }
 
 
-async def _chat_generations(service: GenerationService, body: ChatCompletionRequest) -> list[Generation]:
+async def _chat_generations(service: GenerationService,
+                            body: ChatCompletionRequest) -> tuple[list[Generation], ToolCalling | None]:
     _refuse_unknown(body)
-    if body.tools:
-        raise _fail("tools are not supported", "tools")
-    if body.response_format and body.response_format.get("type") not in (None, "text"):
-        raise _fail("response_format other than text is not supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise _fail("top_logprobs needs logprobs=true", "top_logprobs")
     if not 1 <= body.n <= MAX_N:
@@ -387,22 +414,52 @@ async def _chat_generations(service: GenerationService, body: ChatCompletionRequ
     service.check_choices(body.n)
     adapter = _resolve_model(service, body.model)
     messages = _chat_messages(body)
+    with grammar_errors_are_400():
+        calling = parse_tool_calling(body.tools, body.tool_choice, body.parallel_tool_calls)
+        check_history(messages)
+        fmt = body.grammar_spec()
+        # tool_choice "auto" beside a response_format: the format constrains, calls are still read.
+        tool_grammar = calling.grammar_spec() if calling and not (fmt and calling.choice == "auto") else None
+        spec = one_of(fmt, tool_grammar)
     kwargs = _template_kwargs(service, body)
-    prompt = await service.render_chat(messages, body.add_generation_prompt, body.chat_template, **kwargs)
+    messages, tool_kwargs = render_history(messages, calling, service.template_knows_tools(body.chat_template))
+    prompt = await service.render_chat(messages, body.add_generation_prompt, body.chat_template,
+                                       **{**kwargs, **tool_kwargs})
+    grammar = await service.compile_grammar(spec)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _generations(
+    generations = _generations(
         service, [prompt],
-        lambda n: service.with_seed(_params(service, body, n, max_tokens, param, logprobs, None, adapter)),
+        lambda n: service.with_seed(replace(_params(service, body, n, max_tokens, param, logprobs, None, adapter),
+                                            grammar=grammar)),
         adapter, "chat", body.n,
     )
+    return generations, calling
+
+
+def _chat_reply(text: str, calling: ToolCalling | None) -> dict:
+    """The assistant message: tool calls read out of the text when tools were offered."""
+    if calling is None:
+        return {"role": "assistant", "content": text}
+    content, calls = parse_tool_calls(text, calling.names())
+    return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+
+
+def _tool_delta(parser: ToolCallParser, text: str, finished: bool) -> dict:
+    content, calls = parser.feed(text)
+    if finished:
+        content += parser.finish()
+    delta: dict = {"content": content} if content else {}
+    if calls:
+        delta["tool_calls"] = calls
+    return delta
 
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, body: ChatCompletionRequest,
                            service: GenerationService = Depends(get_service)):
-    generations = await _chat_generations(service, body)
+    generations, calling = await _chat_generations(service, body)
     request_id = current_request_id()
     created = int(time.time())
     response_id = f"chatcmpl-{request_id}"
@@ -411,7 +468,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest,
     # before a stream's 200.
     admission = service.admit(len(generations), "chat", generations[0].adapter_id)
     if body.stream:
-        events = _chat_stream(service, body, generations, request_id, response_id, created, model, admission)
+        events = _chat_stream(service, body, generations, request_id, response_id, created, model, admission,
+                              calling)
         return sse_response(events, on_close=admission.release)
     try:
         choices = await cancel_on_disconnect(request, _run_all(service, generations, request_id, admission))
@@ -425,10 +483,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest,
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                **_with_reply(_chat_reply(c.text, calling), c.last),
                 "logprobs": _chat_logprobs(service, c.logprobs) if body.logprobs else None,
-                "finish_reason": _finish_reason(c.last),
-                "stop_reason": _stop_reason(c.last),
             }
             for c in choices
         ],
@@ -437,20 +493,25 @@ async def chat_completions(request: Request, body: ChatCompletionRequest,
 
 
 async def _chat_stream(service, body, generations, request_id, response_id, created, model,
-                       admission) -> AsyncIterator[str]:
+                       admission, calling: ToolCalling | None) -> AsyncIterator[str]:
+    parsers = [ToolCallParser(calling.names()) for _ in generations] if calling else None
+
     async def choices(counter: list[int]) -> AsyncIterator[dict]:
         for index in range(len(generations)):
             yield {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                    "finish_reason": None}
         async for index, output in _merged(service, generations, request_id, admission):
             counter[0] += len(output.new_token_ids)
-            if not output.new_text and not output.finished and not (body.logprobs and output.new_logprobs):
+            delta = {"content": output.new_text} if output.new_text else {}
+            if parsers:  # tool calls are sent as whole calls once their block closes
+                delta = _tool_delta(parsers[index], output.new_text, output.finished)
+            if not delta and not output.finished and not (body.logprobs and output.new_logprobs):
                 continue
             yield {
                 "index": index,
-                "delta": {"content": output.new_text} if output.new_text else {},
+                "delta": delta,
                 "logprobs": _chat_logprobs(service, output.new_logprobs) if body.logprobs else None,
-                **_finish_fields(output),
+                **_finish_fields(output, bool(parsers and parsers[index].calls)),
             }
 
     header = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -458,10 +519,18 @@ async def _chat_stream(service, body, generations, request_id, response_id, crea
         yield event
 
 
-def _finish_fields(output: RequestOutput) -> dict:
+def _finish_fields(output: RequestOutput, called_tools: bool = False) -> dict:
     if not output.finished:
         return {"finish_reason": None}
-    return {"finish_reason": _finish_reason(output), "stop_reason": _stop_reason(output)}
+    reason = _finish_reason(output)
+    if called_tools and reason == "stop":  # the model ended its turn on tool calls
+        reason = "tool_calls"
+    return {"finish_reason": reason, "stop_reason": _stop_reason(output)}
+
+
+def _with_reply(message: dict, last: RequestOutput) -> dict:
+    """A chat choice's message and finish fields."""
+    return {"message": message, **_finish_fields(last, bool(message.get("tool_calls")))}
 
 
 async def _sse_chunks(body: SamplingFields, header: dict, generations: list[Generation], choices) -> AsyncIterator[str]:
@@ -537,13 +606,17 @@ async def _completion_generations(service: GenerationService, body: CompletionRe
     if not 1 <= body.n <= MAX_N:
         raise _fail(f"n must be between 1 and {MAX_N}", "n")
     adapter = _resolve_model(service, body.model)
+    with grammar_errors_are_400():
+        spec = body.grammar_spec()
     prompts = await _completion_prompts(service, body.prompt, body.n)
+    grammar = await service.compile_grammar(spec)
     prompt_logprobs = body.logprobs if (body.echo and body.logprobs is not None) else None
     return _generations(
         service, prompts,
-        lambda n: service.with_seed(
-            _params(service, body, n, body.max_tokens, "max_tokens", body.logprobs, prompt_logprobs, adapter)
-        ),
+        lambda n: service.with_seed(replace(
+            _params(service, body, n, body.max_tokens, "max_tokens", body.logprobs, prompt_logprobs, adapter),
+            grammar=grammar,
+        )),
         adapter, "completions", body.n,
     )
 

@@ -32,12 +32,15 @@ from loramux.server.service import (
     InvalidRequest,
     ServiceError,
     ShuttingDown,
+    grammar_errors_are_400,
 )
+from loramux.server.structured.spec import from_response_format, from_tgi_grammar, one_of
 
 router = APIRouter()
 
 STATUS = {"validation": 422, "forbidden": 403, "not_found": 404, "too_large": 413, "overloaded": 429,
-          "unavailable": 503, "generation": 424, "internal": 500}
+          "unavailable": 503, "generation": 424, "internal": 500,
+          "invalid_grammar": 400}  # a grammar that cannot be compiled: 400 on every route
 
 
 class TgiError(Exception):
@@ -87,6 +90,7 @@ class TgiParameters(BaseModel):
     response_format: dict | None = None
     return_k_alternatives: int | None = None
     top_n_tokens: int | None = None  # TGI: the n most likely tokens at each step, in details
+    grammar: dict | None = None  # TGI: {"type": "json" | "regex", "value": ...}
     # loramux's extras: the adapter's strength, the repetition guard
     adapter_scale: float | None = None
     repetition_window: int | None = None  # None: the server's --default-repetition-window
@@ -111,8 +115,6 @@ def _refuse_unsupported(body: TgiRequest) -> None:
         raise InvalidRequest("watermark is not supported", "watermark")
     if p.merged_adapters:
         raise InvalidRequest("merged_adapters is not supported: name one adapter_id", "merged_adapters")
-    if p.response_format:
-        raise InvalidRequest("response_format (structured output) is not supported", "response_format")
     if p.adapter_source not in (None, "", "hub"):
         raise InvalidRequest(
             f"adapter_source {p.adapter_source!r} is not supported: adapters are served by id from "
@@ -166,6 +168,8 @@ async def build_generations(service: GenerationService, body: TgiRequest, stream
 async def build_generation(service: GenerationService, body: TgiRequest) -> Generation:
     p = body.parameters
     adapter = service.resolve_adapter(p.adapter_id)
+    with grammar_errors_are_400():
+        grammar_spec = one_of(from_response_format(p.response_format), from_tgi_grammar(p.grammar))
     stop = tuple(p.stop or ())
     service.check_stops(stop, ())
     if p.truncate is not None:
@@ -199,6 +203,7 @@ async def build_generation(service: GenerationService, body: TgiRequest) -> Gene
         repetition_window=p.repetition_window,
         repetition_max_period=p.repetition_max_period,
     )
+    params = replace(params, grammar=await service.compile_grammar(grammar_spec))
     return Generation(prompt, params, adapter, "generate")
 
 

@@ -18,6 +18,7 @@ from loramux.scheduler.output import ModelRunnerOutput, SchedulerOutput, TokenLo
 from loramux.scheduler.request import BASE_SLOT, Request
 from loramux.server.models.protocol import ForwardBatch, ServingModel
 from loramux.server.runner.sampler import Sampler, batch_token_logprobs
+from loramux.server.structured.masks import GrammarMasks
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_caches = allocate_kv_caches(model, num_kv_blocks, block_size)
         self.sampler = Sampler(model.device, seed)
+        self.grammar_masks = GrammarMasks()
 
     def prepare(self, scheduler_output: SchedulerOutput) -> PreparedStep:
         scheduled = list(zip(scheduler_output.scheduled_requests, scheduler_output.num_scheduled_tokens))
@@ -140,10 +142,13 @@ class ModelRunner:
             return ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs)
         logits = self.sample_logits(step, hidden)  # [num_sampled, vocab]
         to_sample = [step.requests[i] for i in step.sample_indices]
+        logits = self.grammar_masks.apply(logits, to_sample)  # constrained rows masked
         try:
             tokens, logprobs = self.sampler.sample(logits, to_sample)
         except Exception:  # noqa: BLE001 - isolate the failing request, keep the rest
             return self._sample_one_by_one(logits, to_sample, prompt_logprobs)
+        # The next masks are computed on a worker thread while the next step runs.
+        self.grammar_masks.accept(to_sample, tokens, logits.shape[-1])
         return ModelRunnerOutput(
             sampled_token_ids={r.request_id: t for r, t in zip(to_sample, tokens)},
             logprobs=logprobs,

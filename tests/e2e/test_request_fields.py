@@ -22,6 +22,7 @@ from loramux.scheduler.sampling_params import SamplingParams
 from loramux.server.api import openai as openai_api
 from loramux.server.api import tgi as tgi_api
 from loramux.server.service import GenerationService
+from loramux.server.structured.tools import render_history
 from tests.e2e.conftest import TINY_NAME
 
 PROMPT = "The quick brown fox"
@@ -406,6 +407,116 @@ def _prompt(api: Api) -> None:
     assert api.openai_text("completions", prompt="Once upon a time") != api.openai_text("completions")
 
 
+# --------------------------------------------------------------------------- structured output
+
+YES_NO = "(yes|no)"
+COLOR_SCHEMA = {"type": "string", "enum": ["red", "green", "blue"]}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "required": ["city"], "additionalProperties": False,
+                   "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}}}}
+STRUCTURED_TOKENS = 24  # room for a whole constrained answer
+TOOL_TOKENS = 64  # room for one whole forced call
+
+
+def _text_of(reply: dict, route: str) -> str:
+    choice = reply["choices"][0]
+    return choice["message"]["content"] if route == "chat" else choice["text"]
+
+
+def _response_format(route: str) -> Case:
+    """A JSON schema constrains the reply: it parses and validates; text is free output."""
+
+    def case(api: Api) -> None:
+        fmt = {"type": "json_schema", "json_schema": {"name": "color", "schema": COLOR_SCHEMA, "strict": True}}
+        reply = api.openai(route, max_tokens=STRUCTURED_TOKENS, response_format=fmt)
+        assert json.loads(_text_of(reply, route)) in COLOR_SCHEMA["enum"]
+        assert api.openai_text(route, response_format={"type": "text"}) == api.baseline(route)
+        api.openai_refused(route, "response_format", response_format={"type": "xml"})
+
+    return case
+
+
+def _structured_outputs(route: str) -> Case:
+    def case(api: Api) -> None:
+        text = _text_of(api.openai(route, max_tokens=STRUCTURED_TOKENS, structured_outputs={"regex": YES_NO}), route)
+        assert text in ("yes", "no")
+        api.openai_refused(route, "structured_outputs", structured_outputs={"regex": "(unclosed"})
+
+    return case
+
+
+def _tool_calls_of(api: Api, **fields) -> tuple[list[dict], str]:
+    reply = api.openai("chat", max_tokens=TOOL_TOKENS, tools=[WEATHER_TOOL], **fields)
+    choice = reply["choices"][0]
+    return choice["message"].get("tool_calls") or [], choice["finish_reason"]
+
+
+def _tools(api: Api) -> None:
+    """Offered tools change the prompt (the generic tool instructions); a forced call parses."""
+    assert api.openai_text("chat", tools=[WEATHER_TOOL], tool_choice="auto") != api.baseline("chat")
+    api.openai_refused("chat", "tools", tools=[{"type": "function", "function": {}}])
+
+
+def _tool_choice(api: Api) -> None:
+    # One call (parallel calls off): a random-weight model would otherwise call again and again.
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    calls, finish = _tool_calls_of(api, tool_choice=named, parallel_tool_calls=False)
+    assert finish == "tool_calls" and calls and calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"])["city"] in ("Paris", "Rome")
+    calls, finish = _tool_calls_of(api, tool_choice="none")
+    assert calls == [] and finish != "tool_calls"
+
+
+def _parallel_tool_calls(api: Api) -> None:
+    calls, finish = _tool_calls_of(api, tool_choice="required", parallel_tool_calls=False)
+    assert finish == "tool_calls" and len(calls) == 1
+
+
+def _history_with_call(**call_fields) -> list[dict]:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}, **call_fields}
+    return [MESSAGES[0], {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+
+
+def _message_tool_calls(api: Api) -> None:
+    """An assistant's tool calls are rendered back into the prompt."""
+    with_call = api.openai_text("chat", messages=_history_with_call(), tools=[WEATHER_TOOL], tool_choice="none")
+    history = _history_with_call()
+    history[1] = {"role": "assistant", "content": ""}
+    without = api.openai_text("chat", messages=history, tools=[WEATHER_TOOL], tool_choice="none")
+    assert with_call != without
+    bad = _history_with_call()
+    bad[1]["tool_calls"] = [{"type": "function", "function": {"arguments": "{}"}}]
+    api.openai_refused("chat", "messages", messages=bad)
+
+
+def _message_tool_call_id(api: Api, offline: Offline) -> None:
+    """`tool_call_id` reaches a template that knows tools (the tiny model's does not)."""
+    template = "{% for m in messages %}{{ m.role }}:{{ m.tool_call_id or '' }}:{{ m.content }}\n{% endfor %}"
+    rendered, _ = render_history(_history_with_call()[2:], None, knows_tools=True)
+    assert GenerationService.chat_prompt(offline.service, rendered, chat_template=template) == "tool:call_1:sunny, 21 C\n"
+    assert api.openai_text("chat", messages=_history_with_call(), tools=[WEATHER_TOOL], tool_choice="none")
+
+
+def _tgi_grammar(api: Api) -> None:
+    text = _gen_text(api, max_new_tokens=STRUCTURED_TOKENS, grammar={"type": "regex", "value": YES_NO})
+    assert text in ("yes", "no")
+    reply = _gen_text(api, max_new_tokens=STRUCTURED_TOKENS, grammar={"type": "json", "value": COLOR_SCHEMA})
+    assert json.loads(reply) in COLOR_SCHEMA["enum"]
+    # An uncompilable grammar is a 400 (not TGI's 422 for validation): the engine refused it.
+    assert "grammar" in api.generate(status=400, grammar={"type": "regex", "value": "(unclosed"})["error"]
+
+
+def _tgi_response_format(api: Api) -> None:
+    """LoRAX's shape: {"type": "json_object", "schema": ...}."""
+    reply = _gen_text(api, max_new_tokens=STRUCTURED_TOKENS,
+                      response_format={"type": "json_object", "schema": COLOR_SCHEMA})
+    assert json.loads(reply) in COLOR_SCHEMA["enum"]
+    assert "response_format" in api.generate(status=400, response_format={"type": "xml"})["error"]
+
+
 # --------------------------------------------------------------------------- TGI cases
 
 
@@ -614,10 +725,15 @@ def cases(tokens: dict) -> dict[str, Callable]:
         "ChatCompletionRequest.max_completion_tokens": _max_tokens("chat", "max_completion_tokens"),
         "ChatCompletionRequest.logprobs": _chat_logprobs,
         "ChatCompletionRequest.top_logprobs": _chat_top_logprobs,
-        "ChatCompletionRequest.tools": lambda api: api.openai_refused(
-            "chat", "tools", tools=[{"type": "function", "function": {"name": "f"}}]),
-        "ChatCompletionRequest.response_format": lambda api: api.openai_refused(
-            "chat", "response_format", response_format={"type": "json_object"}),
+        "ChatCompletionRequest.tools": _tools,
+        "ChatCompletionRequest.tool_choice": _tool_choice,
+        "ChatCompletionRequest.parallel_tool_calls": _parallel_tool_calls,
+        "ChatCompletionRequest.response_format": _response_format("chat"),
+        "ChatCompletionRequest.structured_outputs": _structured_outputs("chat"),
+        "ChatMessage.tool_calls": _message_tool_calls,
+        "ChatMessage.tool_call_id": _message_tool_call_id,
+        "CompletionRequest.response_format": _response_format("completions"),
+        "CompletionRequest.structured_outputs": _structured_outputs("completions"),
         "ChatCompletionRequest.add_generation_prompt": _add_generation_prompt,
         "ChatCompletionRequest.chat_template": _chat_template,
         "ChatCompletionRequest.chat_template_kwargs": _chat_template_kwargs,
@@ -657,7 +773,8 @@ def cases(tokens: dict) -> dict[str, Callable]:
         "TgiParameters.typical_p": _tgi_typical_p,
         "TgiParameters.truncate": _tgi_truncate,
         "TgiParameters.watermark": _refused("watermark", watermark=True),
-        "TgiParameters.response_format": _refused("response_format", response_format={"type": "json_object"}),
+        "TgiParameters.response_format": _tgi_response_format,
+        "TgiParameters.grammar": _tgi_grammar,
         "TgiParameters.return_k_alternatives": _tgi_return_k_alternatives,
         "TgiParameters.top_n_tokens": _tgi_top_n_tokens,
         "TgiParameters.adapter_scale": _tgi_adapter_scale,
@@ -667,7 +784,7 @@ def cases(tokens: dict) -> dict[str, Callable]:
     return table
 
 
-TAKES_OFFLINE = {"ChatMessage.name", "ChatCompletionRequest.chat_template_kwargs", "TgiParameters.ignore_eos_token"}
+TAKES_OFFLINE = {"ChatMessage.name", "ChatMessage.tool_call_id", "ChatCompletionRequest.chat_template_kwargs", "TgiParameters.ignore_eos_token"}
 _CASE_NAMES = sorted(cases({"eos_id": 0, "eos_text": ""}))
 
 
@@ -676,6 +793,7 @@ def api(tiny_server, tiny_reference):
     loop_text = tiny_reference.tokenizer.apply_chat_template(
         [{"role": "user", "content": LOOP_MESSAGE}], add_generation_prompt=True, tokenize=False)
     with tiny_server.client() as client:
+        client.timeout = httpx.Timeout(300.0)  # the whole walk shares one server at once
         yield Api(client, loop_text)
 
 
