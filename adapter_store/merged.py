@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 DIGEST_CHARS = 32  # of the sha256 hex digest in a derived id: 128 bits
 
 
+class MergeSourceNotFound(MergeSpecInvalid):
+    """A merge names an adapter that is not registered."""
+
+
 class MergeCapacity(Exception):
     """Every derived-adapter place is held by a running request: retry later."""
 
@@ -58,7 +62,7 @@ class MergedAdapters:
             try:
                 sources.append(self._store.source_of(adapter_id))
             except AdapterNotFound:
-                raise MergeSpecInvalid("ids", f"adapter {adapter_id!r} does not exist") from None
+                raise MergeSourceNotFound("ids", f"adapter {adapter_id!r} does not exist") from None
             except AdapterError as e:
                 raise MergeSpecInvalid("ids", f"adapter {adapter_id!r} cannot be merged: {e.reason}") from None
         digest = spec.digest([version for version, _ in sources])

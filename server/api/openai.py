@@ -22,6 +22,7 @@ from loramux.server.api.auth import check_api_key
 from loramux.server.api.redact import redact_paths
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
 from loramux.server.api.sse import sse_event, sse_response
+from loramux.server.merge_request import resolve_adapter_or_merge
 from loramux.server.outputs import RequestOutput
 from loramux.server.service import Admission, Generation, GenerationService, InvalidRequest, ServiceError
 
@@ -94,6 +95,8 @@ class SamplingFields(BaseModel):
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # LoRAX's adapter composition, as an extra body field (server/merge_request.py)
+    merged_adapters: dict[str, Any] | None = None
 
 
 class ChatMessage(BaseModel):
@@ -140,11 +143,12 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
-def _resolve_model(service: GenerationService, model: str) -> str | None:
+async def _resolve_model(service: GenerationService, body: SamplingFields) -> str | None:
+    model = body.model
     try:
-        return service.resolve_adapter(model, "model")
+        return await resolve_adapter_or_merge(service, model, body.merged_adapters, "model")
     except ServiceError as exc:
-        if exc.kind == "not_found":
+        if exc.kind == "not_found" and exc.param == "model":
             exc.message = f"The model `{model}` does not exist."
         raise OpenAIError(exc) from None
 
@@ -361,7 +365,7 @@ async def _chat_generations(service: GenerationService, body: ChatCompletionRequ
     if not 1 <= body.n <= MAX_N:
         raise _fail(f"n must be between 1 and {MAX_N}", "n")
     service.check_choices(body.n)
-    adapter = _resolve_model(service, body.model)
+    adapter = await _resolve_model(service, body)
     messages = _chat_messages(body)
     kwargs = _template_kwargs(service, body)
     prompt = await service.render_chat(messages, body.add_generation_prompt, body.chat_template, **kwargs)
@@ -511,7 +515,7 @@ async def _completion_generations(service: GenerationService, body: CompletionRe
         raise _fail("best_of must equal n (or be omitted)", "best_of")
     if not 1 <= body.n <= MAX_N:
         raise _fail(f"n must be between 1 and {MAX_N}", "n")
-    adapter = _resolve_model(service, body.model)
+    adapter = await _resolve_model(service, body)
     prompts = await _completion_prompts(service, body.prompt, body.n)
     prompt_logprobs = body.logprobs if (body.echo and body.logprobs is not None) else None
     return _generations(

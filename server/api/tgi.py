@@ -19,6 +19,7 @@ from loramux.server.api.auth import check_api_key
 from loramux.server.api.redact import redact_paths
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
 from loramux.server.api.sse import sse_event, sse_response
+from loramux.server.merge_request import resolve_adapter_or_merge
 from loramux.server.outputs import RequestOutput
 from loramux.server.service import (
     MAX_SEED,
@@ -95,8 +96,6 @@ class TgiRequest(BaseModel):
 def _refuse_unsupported(p: TgiParameters) -> None:
     if p.watermark:
         raise InvalidRequest("watermark is not supported", "watermark")
-    if p.merged_adapters:
-        raise InvalidRequest("merged_adapters is not supported: name one adapter_id", "merged_adapters")
     if p.response_format:
         raise InvalidRequest("response_format (structured output) is not supported", "response_format")
     if p.best_of not in (None, 1):
@@ -112,7 +111,7 @@ def _refuse_unsupported(p: TgiParameters) -> None:
 async def build_generation(service: GenerationService, body: TgiRequest) -> Generation:
     p = body.parameters
     _refuse_unsupported(p)
-    adapter = service.resolve_adapter(p.adapter_id)
+    adapter = await resolve_adapter_or_merge(service, p.adapter_id, p.merged_adapters)
     stop = tuple(p.stop or ())
     service.check_stops(stop, ())
     if p.truncate is not None:
