@@ -12,16 +12,11 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from loramux.adapter_store.config import AdapterStoreConfig
 from loramux.adapter_store.format import LoraAdapter, load_adapter
 from loramux.adapter_store.merge import MergeSpec, merge_adapters
 from loramux.scheduler.sampling_params import SamplingParams
-from loramux.server.builder import build_engine
-from loramux.server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig
 from loramux.server.offline import OfflineEngine, OfflineRequest
-from tests.engine_fixtures import smol_tokenizer  # noqa: F401 (fixture)
-from tests.peft_adapters import AdapterRecipe, make_peft_adapter
-from tests.tiny_models import save_tiny_model
+from tests.engine_fixtures import hf_greedy
 
 NEW_TOKENS = 12
 TIES = MergeSpec.create(["a", "b", "c"], [0.8, 0.5, 0.6], "ties", 0.6)
@@ -29,32 +24,7 @@ DARE = MergeSpec.create(["a", "c"], [1.0, 0.7], "dare_ties", 0.5, "frequency")
 PROMPTS = ("The quick brown fox", "Once upon a time in a land", "Hello there, how are", "One two three four")
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, smol_tokenizer):  # noqa: F811
-    """(hf base model, adapter dir, engine parts) over a tiny random Llama."""
-    root = tmp_path_factory.mktemp("merged")
-    model_dir, adapter_dir = root / "model", root / "adapters"
-    hf = save_tiny_model(model_dir, "llama", vocab_size=len(smol_tokenizer), max_position_embeddings=512)
-    smol_tokenizer.save_pretrained(model_dir)
-    adapter_dir.mkdir()
-    make_peft_adapter(hf, AdapterRecipe("a", r=8, lora_alpha=16, seed=1, b_std=0.2), adapter_dir)
-    make_peft_adapter(hf, AdapterRecipe("b", r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
-                                        seed=2, b_std=0.3), adapter_dir)
-    make_peft_adapter(hf, AdapterRecipe("c", r=8, lora_alpha=32, seed=3, b_std=0.2), adapter_dir)
-    config = LoramuxConfig(
-        model=ModelConfig(model_dir=model_dir, served_model_name="tiny", max_model_len=512, dtype="float32"),
-        lora=LoraSlotsConfig(max_loras=3, max_lora_rank=8),
-        cache=CacheConfig(kv_cache_bytes=16 << 20),
-        adapters=AdapterStoreConfig(adapter_dirs=(adapter_dir,)),
-    )
-    parts = build_engine(config)
-    try:
-        yield hf, adapter_dir, parts
-    finally:
-        parts.close()
-
-
-def save_as_peft(adapter: LoraAdapter, directory: Path) -> Path:
+def save_as_peft(adapter: LoraAdapter, spec, directory: Path) -> Path:
     """A merged adapter (scalings 1) in PEFT's files, for peft to load."""
     directory.mkdir(parents=True, exist_ok=True)
     rank = adapter.max_rank
@@ -63,26 +33,18 @@ def save_as_peft(adapter: LoraAdapter, directory: Path) -> Path:
     (directory / "adapter_config.json").write_text(json.dumps(config))
     tensors = {}
     for (layer, module), w in adapter.modules.items():
-        block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        name = f"base_model.model.model.layers.{layer}.{block}.{module}"
+        name = f"base_model.model.{spec.module_name(layer, module)}"
         tensors[f"{name}.lora_A.weight"] = w.lora_a.contiguous()
         tensors[f"{name}.lora_B.weight"] = w.lora_b.contiguous()
     save_file(tensors, directory / "adapter_model.safetensors")
     return directory
 
 
-def hf_greedy(model, prompt: list[int]) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.fixture(scope="module")
-def references(served, smol_tokenizer, tmp_path_factory):  # noqa: F811
+def references(store_engine, smol_tokenizer, tmp_path_factory):
     """prompt index -> expected tokens, from transformers + peft: ties through peft's own
     add_weighted_adapter, dare_ties with the merged weights loaded (DARE's draw is ours)."""
-    hf, adapter_dir, parts = served
+    hf, _, adapter_dir, parts = store_engine
     peft_model = PeftModel.from_pretrained(hf, adapter_dir / "a", adapter_name="a")
     for name in ("b", "c"):
         peft_model.load_adapter(adapter_dir / name, adapter_name=name)
@@ -90,7 +52,7 @@ def references(served, smol_tokenizer, tmp_path_factory):  # noqa: F811
                                     density=TIES.density, majority_sign_method=TIES.majority_sign_method)
     spec = parts.store.spec
     sources = [load_adapter(i, adapter_dir / i, spec, 8) for i in DARE.ids]
-    dare_dir = save_as_peft(merge_adapters("dare", DARE, sources), tmp_path_factory.mktemp("dare") / "dare")
+    dare_dir = save_as_peft(merge_adapters("dare", DARE, sources), spec, tmp_path_factory.mktemp("dare") / "dare")
     peft_model.load_adapter(dare_dir, adapter_name="dare")
     peft_model.eval()
     prompts = [smol_tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
@@ -98,16 +60,16 @@ def references(served, smol_tokenizer, tmp_path_factory):  # noqa: F811
     for i, adapter in enumerate(("ties", "a", None, "dare")):
         if adapter is None:
             with peft_model.disable_adapter():
-                expected[i] = hf_greedy(peft_model, prompts[i])
+                expected[i] = hf_greedy(peft_model, prompts[i], NEW_TOKENS)
         else:
             peft_model.set_adapter(adapter)
-            expected[i] = hf_greedy(peft_model, prompts[i])
+            expected[i] = hf_greedy(peft_model, prompts[i], NEW_TOKENS)
     peft_model.unload()
     return prompts, expected
 
 
-def test_merges_in_a_mixed_batch_match_transformers_peft(served, references):
-    _, _, parts = served
+def test_merges_in_a_mixed_batch_match_transformers_peft(store_engine, references):
+    parts = store_engine[3]
     prompts, expected = references
     ties_id = parts.store.merges.resolve(TIES)
     dare_id = parts.store.merges.resolve(DARE)
