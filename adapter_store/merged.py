@@ -10,14 +10,17 @@ cached in the CPU tier and a device slot like any adapter: counted in bytes, evi
 the store's policy, rebuilt (identically: DARE is seeded by the spec) when needed again.
 
 At most `max_entries` derived adapters stay registered: the least recently resolved
-one that no running request holds is deleted to make room; when all are in use, the new
-merge is refused (MergeCapacity).
+one that no running request holds, and that was not resolved in the last `recent_s`
+seconds (a request resolved then may still wait in the queue), is deleted to make room;
+when there is none, the new merge is refused (MergeCapacity).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from loramux.adapter_store.store import AdapterStore
 
 DIGEST_CHARS = 32  # of the sha256 hex digest in a derived id: 128 bits
+RECENT_S = 30.0  # a merge resolved this recently is kept: its request may still be queued
 
 
 class MergeSourceNotFound(MergeSpecInvalid):
@@ -45,11 +49,14 @@ class MergeCapacity(Exception):
 
 
 class MergedAdapters:
-    def __init__(self, store: AdapterStore, max_entries: int) -> None:
+    def __init__(self, store: AdapterStore, max_entries: int, recent_s: float = RECENT_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._max_entries = max_entries
+        self._recent_s = recent_s
+        self._clock = clock
         self._lock = threading.Lock()  # guards _ids; never held across I/O or the store's calls
-        self._ids: OrderedDict[str, MergeSpec] = OrderedDict()  # derived id -> spec, LRU first
+        self._ids: OrderedDict[str, float] = OrderedDict()  # derived id -> last resolve time, LRU first
         self.num_builds = 0  # derived adapters built (weights computed), for tests and stats
 
     def derived_id(self, spec: MergeSpec) -> tuple[str, list[tuple[int, Path]]]:
@@ -75,6 +82,7 @@ class MergedAdapters:
         with self._lock:
             known = adapter_id in self._ids
             if known:
+                self._ids[adapter_id] = self._clock()
                 self._ids.move_to_end(adapter_id)
         if known and self._registered(adapter_id):
             return adapter_id
@@ -82,7 +90,7 @@ class MergedAdapters:
         self._make_room(adapter_id)
         self._store.register_derived(adapter_id, description, self._builder(adapter_id, spec, sources))
         with self._lock:
-            self._ids[adapter_id] = spec
+            self._ids[adapter_id] = self._clock()
             self._ids.move_to_end(adapter_id)
         return adapter_id
 
@@ -130,11 +138,12 @@ class MergedAdapters:
             with self._lock:
                 if len(self._ids) < self._max_entries or new_id in self._ids:
                     return
-                candidates = list(self._ids)
+                horizon = self._clock() - self._recent_s
+                candidates = [i for i, used in self._ids.items() if used < horizon]
             victim = next((i for i in candidates if self._idle(i)), None)
             if victim is None:
                 raise MergeCapacity(
-                    f"{len(candidates)} merged adapters are in use, the limit is {self._max_entries}; retry later"
+                    f"the {self._max_entries} merged adapters this server keeps are all in use; retry later"
                 )
             with self._lock:
                 self._ids.pop(victim, None)

@@ -132,7 +132,7 @@ class AdapterStore:
         )
         self._writer = SlotWriter(buffers, self.device)
         self._loader: LoaderThread | None = None
-        self.merges = MergedAdapters(self, config.max_merged_adapters)  # derived adapters by spec
+        self.merges = MergedAdapters(self, config.max_merged_adapters, clock=clock)  # derived adapters by spec
         self._started = False
         self._closed = False
 

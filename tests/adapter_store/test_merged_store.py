@@ -9,10 +9,11 @@ import torch
 from loramux.adapter_store.errors import AdapterNotFound, InvalidAdapterId
 from loramux.adapter_store.format import load_adapter
 from loramux.adapter_store.merge import MergeSpec, MergeSpecInvalid, merge_adapters
-from loramux.adapter_store.merged import MergeCapacity, MergeSourceNotFound
+from loramux.adapter_store.merged import RECENT_S, MergeCapacity, MergeSourceNotFound
 from loramux.adapter_store.records import AdapterStatus
 from tests.adapter_store.store_fixtures import (
     MAX_RANK,
+    FakeClock,
     TINY_SPEC,
     adapter_bytes,
     assert_slot_holds,
@@ -118,17 +119,22 @@ def test_users_cannot_take_derived_ids(adapter_dir, tmp_path):
         store.register_directory("merge-0123", adapter_dir / "a")
 
 
-def test_number_of_merges_is_bounded_and_in_use_ones_are_kept(adapter_dir):
-    store = make_store(adapter_dir, max_merged_adapters=2).start(run_loader=False)
+def test_number_of_merges_is_bounded_and_in_use_or_recent_ones_are_kept(adapter_dir):
+    clock = FakeClock(100.0)
+    store = make_store(adapter_dir, max_merged_adapters=2, clock=clock, fresh_grace_s=0.0).start(run_loader=False)
     first = store.merges.resolve(MergeSpec.create(["a", "c"], [1, 2]))
     second = store.merges.resolve(MergeSpec.create(["a", "c"], [1, 3]))
+    with pytest.raises(MergeCapacity):  # both were resolved moments ago: their requests may be queued
+        store.merges.resolve(MergeSpec.create(["a", "c"], [1, 4]))
+    clock.now += RECENT_S + 1
     slot = load(store, first)  # held by a running request
     third = store.merges.resolve(MergeSpec.create(["a", "c"], [1, 4]))
     with pytest.raises(AdapterNotFound):
         store.info(second)  # the least recently resolved idle one made room
     assert store.info(first).num_leases == 1
-    with pytest.raises(MergeCapacity):  # first is held, third is the newest...
-        slot3 = load(store, third)
+    clock.now += RECENT_S + 1
+    slot3 = load(store, third)
+    with pytest.raises(MergeCapacity):  # first and third are held by running requests
         store.merges.resolve(MergeSpec.create(["a", "c"], [1, 5]))
     store.unpin(slot)
     store.unpin(slot3)
