@@ -205,6 +205,21 @@ def check_compatible(
     return {key: rank for key, (rank, _) in union.items()}
 
 
+def check_mergeable(adapter_id: str, modules: Sequence[tuple[int, str]], dora: bool) -> None:
+    """Merges (and export's fold) take plain LoRA on decoder-layer projections: a DoRA
+    magnitude or an embedding / lm_head adapter (layer < 0) has no entry-wise merge here."""
+    if dora:
+        raise MergeSpecInvalid("ids", f"adapter {adapter_id!r} is a DoRA adapter: only LoRA adapters can be merged")
+    outer = sorted({module for layer, module in modules if layer < 0})
+    if outer:
+        raise MergeSpecInvalid("ids", f"adapter {adapter_id!r} adapts {outer}: only decoder-layer projections "
+                                      "can be merged")
+
+
+def is_dora(adapter: LoraAdapter) -> bool:
+    return any(getattr(w, "magnitude", None) is not None for w in adapter.modules.values())
+
+
 def merge_adapters(
     adapter_id: str,
     spec: MergeSpec,
@@ -212,6 +227,8 @@ def merge_adapters(
     dtype: torch.dtype = torch.float32,
 ) -> LoraAdapter:
     """The derived adapter, computed in float32, returned in `dtype` (scalings 1)."""
+    for source_id, source in zip(spec.ids, sources):
+        check_mergeable(source_id, list(source.modules), is_dora(source))
     check_compatible(spec.ids, [{k: w.lora_a.shape[0] for k, w in s.modules.items()} for s in sources])
     keys = sorted({key for source in sources for key in source.modules})
     modules: dict[tuple[int, str], LoraModuleWeights] = {}

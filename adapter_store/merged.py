@@ -29,7 +29,7 @@ import torch
 from loramux.adapter_store.errors import AdapterError, AdapterNotFound
 from loramux.adapter_store.format import CONFIG_NAME, LoraAdapter, load_adapter, read_adapter_config, resolve_targets
 from loramux.adapter_store.ids import DERIVED_PREFIX
-from loramux.adapter_store.merge import MergeSpec, MergeSpecInvalid, check_compatible, merge_adapters
+from loramux.adapter_store.merge import MergeSpec, MergeSpecInvalid, check_compatible, check_mergeable, merge_adapters
 from loramux.adapter_store.registry import AdapterDescription
 from loramux.adapter_store.records import AdapterStatus
 
@@ -110,6 +110,7 @@ class MergedAdapters:
                 targets = resolve_targets(adapter_id, config, store.spec, directory / CONFIG_NAME)
             except AdapterError as e:
                 raise MergeSpecInvalid("ids", f"adapter {adapter_id!r} cannot be merged: {e.reason}") from None
+            check_mergeable(adapter_id, list(targets), bool(getattr(config, "use_dora", False)))
             ranks.append({key: target.rank for key, target in targets.items()})
         union = check_compatible(spec.ids, ranks)
         element = torch.empty((), dtype=store.dtype).element_size()

@@ -24,7 +24,7 @@ import torch
 
 from loramux.adapter_store.format import CONFIG_NAME, BaseModelSpec, LoraAdapter, load_adapter
 from loramux.adapter_store.ids import check_adapter_id
-from loramux.adapter_store.merge import MergeSpec, MergeSpecInvalid, merge_adapters
+from loramux.adapter_store.merge import MergeSpec, MergeSpecInvalid, check_mergeable, is_dora, merge_adapters
 from loramux.adapter_store.value_limits import MAX_RANK_VALUE
 from loramux.server.config import DTYPES
 
@@ -87,7 +87,12 @@ def build_adapter(target: str, spec: BaseModelSpec, adapter_dirs: list[Path], up
 
 
 def fold_adapter(model: torch.nn.Module, spec: BaseModelSpec, adapter: LoraAdapter) -> int:
-    """Add every projection's delta to the (float32) model's weights; returns how many."""
+    """Add every projection's delta to the (float32) model's weights; returns how many.
+    Plain LoRA on decoder-layer projections only (DoRA and embedding adapters are refused)."""
+    try:
+        check_mergeable(adapter.adapter_id, list(adapter.modules), is_dora(adapter))
+    except MergeSpecInvalid as exc:
+        raise ExportError(exc.message.replace("can be merged", "can be exported")) from None
     modules = dict(model.named_modules())
     packed_of = {part: packed for packed, parts in spec.packed_modules.items() for part in parts}
     with torch.no_grad():

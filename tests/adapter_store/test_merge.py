@@ -11,7 +11,7 @@ from peft import PeftModel
 from peft.utils import merge_utils
 
 from loramux.adapter_store.format import load_adapter
-from loramux.adapter_store.merge import MergeSpec, MergeSpecInvalid, merge_adapters, projection_seed
+from loramux.adapter_store.merge import MergeSpec, MergeSpecInvalid, check_mergeable, merge_adapters, projection_seed
 
 SOURCES = ("alpha", "beta", "gamma")
 
@@ -146,3 +146,12 @@ def test_canonical_spec_ignores_unused_fields_and_hashes_versions():
     assert a == b and a.digest([1, 1]) == b.digest([1, 1])
     assert a.digest([1, 1]) != a.digest([1, 2])
     assert MergeSpec.create(["y", "x"]).digest() != a.digest()
+
+
+def test_dora_and_embedding_adapters_are_not_merged():
+    with pytest.raises(MergeSpecInvalid, match="DoRA") as info:
+        check_mergeable("d", [(0, "q_proj")], dora=True)
+    assert info.value.field == "ids"
+    with pytest.raises(MergeSpecInvalid, match="embed_tokens"):
+        check_mergeable("e", [(-1, "embed_tokens"), (0, "q_proj")], dora=False)
+    check_mergeable("plain", [(0, "q_proj"), (1, "v_proj")], dora=False)
