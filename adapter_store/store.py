@@ -82,7 +82,7 @@ class _InHand:
 
     entry: AdapterEntry
     adapter: LoraAdapter
-    source: str  # "disk" or "cpu"
+    source: str  # "disk", "cpu" or "merge" (built from its sources)
     read_s: float  # seconds the disk read took (0 from the CPU tier)
 
 
@@ -615,6 +615,7 @@ class AdapterStore:
             entry.loading = True
 
         if in_hand is None:  # 1. disk -> CPU tier (or built, for a derived adapter)
+            source = "merge" if entry.build is not None else "disk"
             start = time.perf_counter()
             try:
                 if entry.build is not None:
@@ -626,7 +627,7 @@ class AdapterStore:
             except Exception as e:  # AdapterError, or a MemoryError / bug in a hook
                 if not isinstance(e, AdapterError):
                     log.exception("loading adapter %r failed", entry.adapter_id)
-                self._fail_load(entry, e, "disk")
+                self._fail_load(entry, e, source)
                 return True
             read_s = time.perf_counter() - start
             with self._lock:
@@ -635,7 +636,7 @@ class AdapterStore:
                     self._finish_job(entry)
                     return True
                 self._cpu.put(entry.key, adapter)
-                in_hand = self._held = _InHand(entry, adapter, "disk", read_s)
+                in_hand = self._held = _InHand(entry, adapter, source, read_s)
 
         with self._lock:  # 2. a free slot, or the policy's first evictable one
             if not self._is_current(entry):

@@ -44,7 +44,8 @@ def expected(adapter_dir, spec: MergeSpec, dtype=torch.float32):
 
 
 def test_built_once_per_spec_then_served_from_the_tiers(adapter_dir):
-    store = make_store(adapter_dir).start(run_loader=False)
+    events = []
+    store = make_store(adapter_dir, on_load=events.append).start(run_loader=False)
     spec = MergeSpec.create(["a", "b"], [0.6, 0.4], "ties", 0.5)
     merged_id = store.merges.resolve(spec)
     assert merged_id.startswith("merge-")
@@ -56,6 +57,7 @@ def test_built_once_per_spec_then_served_from_the_tiers(adapter_dir):
 
     slot = load(store, merged_id)
     assert slot is not None and store.merges.num_builds == 1
+    assert [(e.adapter_id, e.source, e.ok) for e in events] == [(merged_id, "merge", True)]
     assert_slot_holds(store, slot, expected(adapter_dir, spec))
     store.unpin(slot)
     assert store.pin(merged_id) == slot and store.merges.num_builds == 1  # a device hit
