@@ -51,6 +51,10 @@ class AdapterStoreConfig:
     prefetch_ttl_s: float = 2.0
     # Load latencies kept for stats() (the newest ones); the on_load hook sees every load.
     latency_samples: int = 1024
+    # Merged adapters (`merged_adapters`, adapter_store/merged.py): derived adapters kept
+    # registered at once, and source adapters one merge may name.
+    max_merged_adapters: int = 64
+    max_merge_ids: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter_dirs", _paths(self.adapter_dirs))
@@ -74,6 +78,8 @@ class AdapterStoreConfig:
             "prefetch_ttl_s must be > 0",
         )
         _check(self.latency_samples >= 0, "latency_samples must be >= 0")
+        _check(self.max_merged_adapters >= 1, "max_merged_adapters must be >= 1")
+        _check(self.max_merge_ids >= 1, "max_merge_ids must be >= 1")
 
 
 def _paths(paths: Iterable[str | Path] | str | Path) -> tuple[Path, ...]:

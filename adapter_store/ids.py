@@ -12,6 +12,8 @@ import re
 from loramux.adapter_store.errors import InvalidAdapterId
 
 MAX_ADAPTER_ID_LEN = 128
+# Ids the store gives derived adapters (merges, adapter_store/merged.py); users cannot take them.
+DERIVED_PREFIX = "merge-"
 # A leading alphanumeric rules out "", ".", "..", ".hidden" and "-option"; no "/" or "\".
 _ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -36,9 +38,18 @@ def check_adapter_id(adapter_id: object) -> str:
     return adapter_id
 
 
+def check_user_adapter_id(adapter_id: object) -> str:
+    """check_adapter_id, and not a name reserved for derived adapters (registering, uploading)."""
+    check_adapter_id(adapter_id)
+    assert isinstance(adapter_id, str)
+    if adapter_id.startswith(DERIVED_PREFIX):
+        raise InvalidAdapterId(adapter_id, f"ids starting with {DERIVED_PREFIX!r} are reserved for merged adapters")
+    return adapter_id
+
+
 def is_valid_adapter_id(adapter_id: object) -> bool:
     try:
-        check_adapter_id(adapter_id)
+        check_user_adapter_id(adapter_id)
     except InvalidAdapterId:
         return False
     return True

@@ -28,7 +28,7 @@ class AdapterInfo:
     disk_bytes: int | None
     pinned: bool  # permanently (--pin or the API)
     num_leases: int  # running requests using the current version
-    source: str  # "directory" (an adapter dir) or "upload"
+    source: str  # "directory" (an adapter dir), "upload" or "merge" (derived, adapter_store/merged.py)
     error: str | None
     error_type: str | None  # e.g. "AdapterInvalid"
 
@@ -59,7 +59,7 @@ def adapter_info(entry: AdapterEntry, in_cpu: bool, pinned: bool, num_leases: in
         disk_bytes=d.disk_bytes if d else None,
         pinned=pinned,
         num_leases=num_leases,
-        source="upload" if entry.owned else "directory",
+        source="merge" if entry.build is not None else "upload" if entry.owned else "directory",
         error=entry.error,
         error_type=entry.error_type,
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +57,7 @@ class AdapterDescription:
 class AdapterEntry:
     adapter_id: str
     version: int  # 1, 2, ... per id, never reused in a process (also across deletes)
-    directory: Path  # from a scan or an upload commit, never built from a request
+    directory: Path | None  # from a scan or an upload commit, never from a request; None: derived
     owned: bool  # inside the upload root: the store removes it when the version goes
     description: AdapterDescription | None  # None when registering failed
     error: str | None = None  # sticky: set when registering or loading failed
@@ -67,6 +67,8 @@ class AdapterEntry:
     loading: bool = False  # the loader is reading or writing it right now
     queued_at: float = 0.0  # clock() when queued, for the load latency
     hinted_at: float | None = None  # clock() of the latest prefetch; None: not asked by one
+    # derived adapters (merges): builds the weights in the given dtype instead of a disk read
+    build: Callable[[torch.dtype], object] | None = None
 
     @property
     def key(self) -> tuple[str, int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 class LoadEvent:
     adapter_id: str
     version: int
-    source: str  # "disk" or "cpu": where the weights came from
+    source: str  # "disk", "cpu" or "merge" (built from its sources): where the weights came from
     ok: bool
     load_s: float  # reading (disk only) + writing the slot, excluding any wait
     queued_s: float  # from the load request to the adapter being pinnable (or failing)

@@ -58,8 +58,9 @@ from loramux.adapter_store.errors import (
 )
 from loramux.adapter_store.eviction import make_policy
 from loramux.adapter_store.format import BaseModelSpec, LoraAdapter, load_adapter
-from loramux.adapter_store.ids import check_adapter_id
+from loramux.adapter_store.ids import DERIVED_PREFIX, check_adapter_id, check_user_adapter_id
 from loramux.adapter_store.loader import LoaderThread, LoadFn, SlotWriter
+from loramux.adapter_store.merged import MergedAdapters
 from loramux.adapter_store.records import AdapterInfo, AdapterStatus, adapter_info  # noqa: F401
 from loramux.adapter_store.registry import (
     AdapterDescription,
@@ -85,7 +86,7 @@ class _InHand:
 
     entry: AdapterEntry
     adapter: LoraAdapter
-    source: str  # "disk" or "cpu"
+    source: str  # "disk", "cpu" or "merge" (built from its sources)
     read_s: float  # seconds the disk read took (0 from the CPU tier)
 
 
@@ -149,6 +150,7 @@ class AdapterStore:
         )
         self._writer = SlotWriter(buffers, self.device)
         self._loader: LoaderThread | None = None
+        self.merges = MergedAdapters(self, config.max_merged_adapters, clock=clock)  # derived adapters by spec
         self._started = False
         self._closed = False
 
@@ -281,7 +283,7 @@ class AdapterStore:
         raises their typed error, keeping the current version. The store never deletes
         this directory.
         """
-        check_adapter_id(adapter_id)
+        check_user_adapter_id(adapter_id)
         directory = Path(directory)
         description, error = self._describer.describe_or_error(adapter_id, directory)
         if error is not None:
@@ -299,7 +301,7 @@ class AdapterStore:
         loop. Raises InvalidAdapterId, UploadsDisabled, UploadTooLarge, or the typed error
         of the invalid adapter (AdapterInvalid, AdapterUnsupported, AdapterTooLarge, ...).
         """
-        check_adapter_id(adapter_id)
+        check_user_adapter_id(adapter_id)
         area = self._upload_area(adapter_id)
         staging = area.stage_files(adapter_id, config_json, weights)
         return self._commit_upload(adapter_id, area, staging)
@@ -309,10 +311,44 @@ class AdapterStore:
 
         The caller must trust `directory`: it is a path on this machine, not an id.
         """
-        check_adapter_id(adapter_id)
+        check_user_adapter_id(adapter_id)
         area = self._upload_area(adapter_id)
         staging = area.stage_directory(adapter_id, Path(directory))
         return self._commit_upload(adapter_id, area, staging)
+
+    def register_derived(
+        self, adapter_id: str, description: AdapterDescription, build: Callable[[torch.dtype], LoraAdapter]
+    ) -> AdapterInfo:
+        """Register an adapter computed from others (a merge, adapter_store/merged.py) unless
+        its id is registered already. `build(dtype)` makes its weights on the loader thread
+        when it is needed; like any adapter it is then cached in the CPU tier and a slot,
+        evicted from both by policy, and rebuilt when needed again. Ids start with
+        DERIVED_PREFIX, which users cannot register."""
+        check_adapter_id(adapter_id)
+        if not adapter_id.startswith(DERIVED_PREFIX):
+            raise ValueError(f"derived adapter ids start with {DERIVED_PREFIX!r}")
+        with self._install_lock:
+            with self._lock:
+                entry = self._registry.get(adapter_id)
+                if entry is None or entry.error is not None:
+                    version = self._registry.next_version(adapter_id)
+                    entry = AdapterEntry(adapter_id, version, None, False, description, build=build)
+                    old = self._registry.install(entry)
+                    if old is not None:
+                        self._retire(old)
+                return self._info(entry)
+
+    def source_of(self, adapter_id: str) -> tuple[int, Path]:
+        """(version, directory) of a registered, not failed, file-backed adapter: what a
+        derived adapter reads. Raises AdapterNotFound, or AdapterError for a failed one."""
+        check_adapter_id(adapter_id)
+        with self._lock:
+            entry = self._registry.get(adapter_id)
+            if entry is None or entry.directory is None:
+                raise AdapterNotFound(adapter_id, None, "no such adapter")
+            if entry.error is not None:
+                raise AdapterError(adapter_id, None, f"failed to load: {entry.error}")
+            return entry.version, entry.directory
 
     def delete(self, adapter_id: str) -> None:
         """Forget an adapter: new requests get load_error at once; its slot is freed by the
@@ -614,16 +650,20 @@ class AdapterStore:
                     in_hand = self._held = _InHand(entry, adapter, "cpu", 0.0)
             entry.loading = True
 
-        if in_hand is None:  # 1. disk -> CPU tier
+        if in_hand is None:  # 1. disk -> CPU tier (or built, for a derived adapter)
+            source = "merge" if entry.build is not None else "disk"
             start = time.perf_counter()
             try:
-                adapter = self._load_fn(
-                    entry.adapter_id, entry.directory, self.spec, self.max_rank, self.dtype
-                )
+                if entry.build is not None:
+                    adapter = entry.build(self.dtype)
+                else:
+                    adapter = self._load_fn(
+                        entry.adapter_id, entry.directory, self.spec, self.max_rank, self.dtype
+                    )
             except Exception as e:  # AdapterError, or a MemoryError / bug in a hook
                 if not isinstance(e, AdapterError):
                     log.exception("loading adapter %r failed", entry.adapter_id)
-                self._fail_load(entry, e, "disk")
+                self._fail_load(entry, e, source)
                 return True
             read_s = time.perf_counter() - start
             with self._lock:
@@ -632,7 +672,7 @@ class AdapterStore:
                     self._finish_job(entry)
                     return True
                 self._cpu.put(entry.key, adapter)
-                in_hand = self._held = _InHand(entry, adapter, "disk", read_s)
+                in_hand = self._held = _InHand(entry, adapter, source, read_s)
 
         with self._lock:  # 2. a free slot, or the policy's first evictable one
             if not self._is_current(entry):

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     from loramux.server.eval import add_eval_command  # a client command too: no torch
 
     add_eval_command(commands)
+
+    from loramux.server.export_command import add_export_command
+
+    add_export_command(commands)
     return parser
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from loramux.adapter_store.ids import DERIVED_PREFIX
 from loramux.adapter_store.stats import LoadEvent, StoreStats
 from loramux.scheduler.prefix_cache_stats import PrefixCacheCounts
 
@@ -110,7 +111,9 @@ class ServerMetrics:
     # ------------------------------------------------------------------ request side
 
     def start_request(self, endpoint: str, adapter: str | None) -> RequestTimer:
-        return RequestTimer(self, endpoint, adapter or "base")
+        # merges are made per request by clients: one label for all, so they cannot grow the series
+        label = "merged" if adapter and adapter.startswith(DERIVED_PREFIX) else adapter or "base"
+        return RequestTimer(self, endpoint, label)
 
 
 class RequestTimer:

@@ -64,6 +64,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU-tier memory faulted in ahead of adapter loads (0: on first use)")
     g.add_argument("--max-upload-bytes", type=parse_bytes, default=parse_bytes("1G"))
     g.add_argument("--max-concurrent-uploads", type=int, default=2, help="more get 429")
+    g.add_argument("--max-merged-adapters", type=int, default=64, help="merged adapters (merged_adapters) kept at once")
+    g.add_argument("--max-merge-ids", type=int, default=8, help="adapters one merged_adapters may name")
     g = p.add_argument_group("scheduling")
     g.add_argument("--kv-cache-bytes", type=parse_bytes, default=parse_bytes("2G"))
     g.add_argument("--block-size", type=int, default=16)
@@ -157,6 +159,8 @@ def config_from_args(args: argparse.Namespace):
             max_upload_bytes=args.max_upload_bytes,
             max_concurrent_uploads=args.max_concurrent_uploads,
             pinned=tuple(args.pin),
+            max_merged_adapters=args.max_merged_adapters,
+            max_merge_ids=args.max_merge_ids,
         ),
         server=ServerConfig(
             host=args.host,

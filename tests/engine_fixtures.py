@@ -17,6 +17,7 @@ from loramux.server.engine_core import EngineCore
 from loramux.server.model_fetch import default_model_dir, is_complete
 from loramux.server.models.loader import load_model
 from loramux.server.runner.model_runner import ModelRunner
+from tests.peft_adapters import AdapterRecipe, make_peft_adapter
 from tests.tiny_models import save_tiny_model
 
 
@@ -111,3 +112,47 @@ def tiny_chat_model(tmp_path_factory, smol_tokenizer):
     directory = tmp_path_factory.mktemp("tiny-chat")
     hf = save_tiny_model(directory, "llama", vocab_size=len(smol_tokenizer), max_position_embeddings=1024)
     return directory, hf
+
+
+# Sources of merges: rank 8 each, different alphas; b adapts the attention's q/v/o only.
+MERGE_SOURCES = (
+    AdapterRecipe("a", r=8, lora_alpha=16, seed=1, b_std=0.2),
+    AdapterRecipe("b", r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], seed=2, b_std=0.3),
+    AdapterRecipe("c", r=8, lora_alpha=32, seed=3, b_std=0.2),
+)
+
+
+@pytest.fixture(scope="module")
+def store_engine(tmp_path_factory, smol_tokenizer):
+    """(hf base model, model dir, adapter dir holding MERGE_SOURCES, engine parts): a full
+    fp32 engine with a real adapter store over a tiny random Llama."""
+    from loramux.adapter_store.config import AdapterStoreConfig
+    from loramux.server.builder import build_engine
+    from loramux.server.config import CacheConfig, LoramuxConfig, LoraSlotsConfig, ModelConfig
+
+    root = tmp_path_factory.mktemp("store-engine")
+    model_dir, adapter_dir = root / "model", root / "adapters"
+    hf = save_tiny_model(model_dir, "llama", vocab_size=len(smol_tokenizer), max_position_embeddings=512)
+    smol_tokenizer.save_pretrained(model_dir)
+    adapter_dir.mkdir()
+    for recipe in MERGE_SOURCES:
+        make_peft_adapter(hf, recipe, adapter_dir)
+    config = LoramuxConfig(
+        model=ModelConfig(model_dir=model_dir, served_model_name="tiny", max_model_len=512, dtype="float32"),
+        lora=LoraSlotsConfig(max_loras=3, max_lora_rank=8),
+        cache=CacheConfig(kv_cache_bytes=16 << 20),
+        adapters=AdapterStoreConfig(adapter_dirs=(adapter_dir,)),
+    )
+    parts = build_engine(config)
+    try:
+        yield hf, model_dir, adapter_dir, parts
+    finally:
+        parts.close()
+
+
+def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy continuation of exactly num_tokens tokens (EOS does not stop it)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

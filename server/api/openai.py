@@ -23,6 +23,7 @@ from loramux.server.api.request_fields import KEEP_UNKNOWN, refuse_unknown_field
 from loramux.server.api.redact import redact_paths
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
 from loramux.server.api.sse import sse_event, sse_response
+from loramux.server.merge_request import resolve_adapter_or_merge
 from loramux.server.outputs import RequestOutput
 from loramux.server.service import (
     Admission,
@@ -120,6 +121,8 @@ class SamplingFields(BaseModel):
     adapter_scale: float | None = None
     repetition_window: int | None = None  # None: the server's --default-repetition-window
     repetition_max_period: int | None = None
+    # LoRAX's adapter composition, as an extra body field (server/merge_request.py)
+    merged_adapters: dict[str, Any] | None = None
 
 
 class StructuredFields(BaseModel):
@@ -179,11 +182,12 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
-def _resolve_model(service: GenerationService, model: str) -> str | None:
+async def _resolve_model(service: GenerationService, body: SamplingFields) -> str | None:
+    model = body.model
     try:
-        return service.resolve_adapter(model, "model")
+        return await resolve_adapter_or_merge(service, model, body.merged_adapters, "model")
     except ServiceError as exc:
-        if exc.kind == "not_found":
+        if exc.kind == "not_found" and exc.param == "model":
             exc.message = f"The model `{model}` does not exist."
         raise OpenAIError(exc) from None
 
@@ -412,7 +416,7 @@ async def _chat_generations(service: GenerationService,
     if not 1 <= body.n <= MAX_N:
         raise _fail(f"n must be between 1 and {MAX_N}", "n")
     service.check_choices(body.n)
-    adapter = _resolve_model(service, body.model)
+    adapter = await _resolve_model(service, body)
     messages = _chat_messages(body)
     with grammar_errors_are_400():
         calling = parse_tool_calling(body.tools, body.tool_choice, body.parallel_tool_calls)
@@ -605,7 +609,7 @@ async def _completion_generations(service: GenerationService, body: CompletionRe
         raise _fail("best_of must equal n (or be omitted)", "best_of")
     if not 1 <= body.n <= MAX_N:
         raise _fail(f"n must be between 1 and {MAX_N}", "n")
-    adapter = _resolve_model(service, body.model)
+    adapter = await _resolve_model(service, body)
     with grammar_errors_are_400():
         spec = body.grammar_spec()
     prompts = await _completion_prompts(service, body.prompt, body.n)

@@ -23,6 +23,7 @@ from loramux.server.api.redact import redact_paths
 from loramux.server.api.request_fields import KEEP_UNKNOWN, refuse_unknown_fields
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
 from loramux.server.api.sse import sse_event, sse_response
+from loramux.server.merge_request import resolve_adapter_or_merge
 from loramux.server.outputs import RequestOutput
 from loramux.server.service import (
     MAX_SEED,
@@ -113,8 +114,6 @@ def _refuse_unsupported(body: TgiRequest) -> None:
         raise InvalidRequest("api_token is not used: adapters are served from this server's registry", "api_token")
     if p.watermark:
         raise InvalidRequest("watermark is not supported", "watermark")
-    if p.merged_adapters:
-        raise InvalidRequest("merged_adapters is not supported: name one adapter_id", "merged_adapters")
     if p.adapter_source not in (None, "", "hub"):
         raise InvalidRequest(
             f"adapter_source {p.adapter_source!r} is not supported: adapters are served by id from "
@@ -167,7 +166,7 @@ async def build_generations(service: GenerationService, body: TgiRequest, stream
 
 async def build_generation(service: GenerationService, body: TgiRequest) -> Generation:
     p = body.parameters
-    adapter = service.resolve_adapter(p.adapter_id)
+    adapter = await resolve_adapter_or_merge(service, p.adapter_id, p.merged_adapters)
     with grammar_errors_are_400():
         grammar_spec = one_of(from_response_format(p.response_format), from_tgi_grammar(p.grammar))
     stop = tuple(p.stop or ())

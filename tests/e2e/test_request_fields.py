@@ -517,6 +517,27 @@ def _tgi_response_format(api: Api) -> None:
     assert "response_format" in api.generate(status=400, response_format={"type": "xml"})["error"]
 
 
+def _merged_adapters(route: str) -> Case:
+    """One adapter merged at weight 1 is that adapter; at 0.5 it is neither it nor the base."""
+
+    def case(api: Api) -> None:
+        alpha = api.openai_text(route, model="alpha")
+        assert api.openai_text(route, merged_adapters={"ids": ["alpha"], "weights": [1.0]}) == alpha
+        half = api.openai_text(route, merged_adapters={"ids": ["alpha"], "weights": [0.5]})
+        assert half not in (alpha, api.baseline(route))
+        api.openai_refused(route, "merged_adapters.merge_strategy",
+                           merged_adapters={"ids": ["alpha"], "weights": [1.0], "merge_strategy": "mean"})
+
+    return case
+
+
+def _tgi_merged_adapters(api: Api) -> None:
+    alpha = _gen_text(api, adapter_id="alpha")
+    assert _gen_text(api, merged_adapters={"ids": ["alpha"], "weights": [1.0]}) == alpha
+    api.generate_refused("merged_adapters.density",
+                         merged_adapters={"ids": ["alpha"], "weights": [1.0], "merge_strategy": "ties", "density": 2})
+
+
 # --------------------------------------------------------------------------- TGI cases
 
 
@@ -752,7 +773,9 @@ def cases(tokens: dict) -> dict[str, Callable]:
         "TgiRequest.stream": _tgi_stream,
         "TgiParameters.adapter_id": _tgi_adapter_id,
         "TgiParameters.adapter_source": _refused("adapter_source", adapter_source="s3"),
-        "TgiParameters.merged_adapters": _refused("merged_adapters", merged_adapters={"ids": ["alpha"]}),
+        "TgiParameters.merged_adapters": _tgi_merged_adapters,
+        "ChatCompletionRequest.merged_adapters": _merged_adapters("chat"),
+        "CompletionRequest.merged_adapters": _merged_adapters("completions"),
         "TgiParameters.api_token": _refused("api_token", api_token="hf_secret"),
         "TgiParameters.best_of": _tgi_best_of,
         "TgiParameters.decoder_input_details": _tgi_decoder_input_details,
