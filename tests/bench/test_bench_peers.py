@@ -165,3 +165,28 @@ def test_peer_adapters_are_deterministic_and_made_once(peer_adapters, tmp_path):
     for path, other in zip(adapters.values(), again.values()):
         a, b = load_file(path / "adapter_model.safetensors"), load_file(other / "adapter_model.safetensors")
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_each_server_is_started_the_way_the_issue_says(tmp_path):
+    adapters = {f"peer-{i}-r8": Path(f"/peers/adapters/peer-{i}-r8") for i in range(8)}
+    ggufs = {d: (Path(f"/g/{d}/model.gguf"), [Path(f"/g/{d}/{n}.gguf") for n in adapters]) for d in ("float32", "bfloat16")}
+    setup = bench_peers.Setup(adapters=adapters, llama_server=Path("/b/llama-server"), ggufs=ggufs,
+                              vllm_python=Path("/v/bin/python"), tcmalloc=Path("/lib/libtcmalloc_minimal.so.4"),
+                              failures={})
+    spec = lambda server, dtype=None: bench_peers.spec_for(server, setup, Path("/m"), dtype, 9000, 2, tmp_path)  # noqa: E731
+
+    loramux = spec("loramux").command
+    assert loramux[loramux.index("serve") + 1:][:2] == ["--model", "/m"]
+    for flag, value in (("--dtype", "auto"), ("--adapter-dir", "/peers/adapters"), ("--max-loras", "8"),
+                        ("--max-lora-rank", "32"), ("--max-num-seqs", "16"), ("--threads", "2")):
+        assert loramux[loramux.index(flag) + 1] == value
+
+    vllm = spec("vllm", "bfloat16")
+    assert vllm.command[vllm.command.index("--dtype") + 1] == "bfloat16"
+    assert vllm.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and vllm.env["LD_PRELOAD"].endswith("libtcmalloc_minimal.so.4")
+
+    llama = spec("llamacpp", "bfloat16")
+    assert llama.command[llama.command.index("-m") + 1] == "/g/bfloat16/model.gguf"
+    assert llama.command.count("--lora") == 8
+    assert llama.body_for("peer-3-r8", "hi", 64)["lora"][3] == {"id": 3, "scale": 1.0}
+    assert spec("llamacpp", "float32").command[2] == "/g/float32/model.gguf"
