@@ -13,6 +13,7 @@ a request picks its adapter with `"lora": [{"id": i, "scale": 1.0}]`.
 from __future__ import annotations
 
 import tarfile
+from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +102,11 @@ def ensure_server(layout: LlamaCppLayout, python: Path, cpu_flags: frozenset[str
     return layout.server
 
 
-def converter_requirements(source: Path) -> list[str]:
+def converter_requirements(source: Path, transformers_version: str) -> list[str]:
     """The converters' pinned deps from the sdist's requirements files, less torch and gguf
-    (torch is ours, installed first; gguf-py comes from the same sdist)."""
+    (torch is ours, installed first; gguf-py comes from the same sdist), with transformers
+    pinned to ours: the default model's tokenizer_config.json is written by it (its
+    `TokenizersBackend` class is unknown to the 4.x the files pin)."""
     wanted, pending, seen = [], [source / "requirements" / "requirements-convert_hf_to_gguf.txt"], set()
     while pending:
         path = pending.pop()
@@ -114,6 +117,8 @@ def converter_requirements(source: Path) -> list[str]:
             line = line.split("#", 1)[0].strip()
             if line.startswith("-r"):
                 pending.append(path.parent / line[2:].strip())
+            elif line.startswith("transformers"):
+                wanted.append(f"transformers=={transformers_version}")
             elif line and not line.startswith("-") and not line.startswith(("torch", "gguf")):
                 wanted.append(line)
     return wanted
@@ -121,7 +126,7 @@ def converter_requirements(source: Path) -> list[str]:
 
 def ensure_converter_venv(layout: LlamaCppLayout) -> Path:
     """A virtualenv with torch (ours), the converters' deps and the sdist's gguf-py; its python."""
-    requirements = converter_requirements(layout.source)
+    requirements = converter_requirements(layout.source, metadata.version("transformers"))
     marker = Marker(layout.root / "venv.done", {"torch": TORCH_VERSION, "requirements": requirements})
     python = make_venv(layout.venv, layout.log)
     if not marker.done():

@@ -85,7 +85,7 @@ def test_llamacpp_request_picks_its_adapter_by_id():
     assert [entry["scale"] for entry in body("base", "hello", 64)["lora"]] == [0.0, 0.0, 0.0]
 
 
-def test_converter_requirements_follow_includes_and_drop_torch_and_gguf(tmp_path):
+def test_converter_requirements_follow_includes_drop_torch_and_gguf_and_pin_our_transformers(tmp_path):
     req = tmp_path / "requirements"
     req.mkdir()
     (req / "requirements-convert_hf_to_gguf.txt").write_text(
@@ -93,8 +93,8 @@ def test_converter_requirements_follow_includes_and_drop_torch_and_gguf(tmp_path
         "## a comment\ntorch==2.11.0\n")
     (req / "requirements-convert_legacy_llama.txt").write_text(
         "numpy~=2.2.6\nsentencepiece>=0.1.98,<0.3.0\n\ntransformers==4.57.6  # pinned\n\ngguf>=0.1.0\n")
-    assert llamacpp.converter_requirements(tmp_path) == ["numpy~=2.2.6", "sentencepiece>=0.1.98,<0.3.0",
-                                                         "transformers==4.57.6"]
+    assert llamacpp.converter_requirements(tmp_path, "5.24.0") == ["numpy~=2.2.6", "sentencepiece>=0.1.98,<0.3.0",
+                                                                   "transformers==5.24.0"]
 
 
 def test_vllm_install_pins_torch_first_then_removes_the_media_packages():
