@@ -164,7 +164,10 @@ def convert_adapter(layout: LlamaCppLayout, python: Path, model_dir: Path, adapt
 def server_command(server: Path, model_gguf: Path, adapter_ggufs: list[Path], port: int, threads: int,
                    parallel: int, ctx_per_slot: int) -> list[str]:
     """`llama-server` with `parallel` slots of `ctx_per_slot` tokens and every adapter at scale 0."""
-    loras = [arg for path in adapter_ggufs for arg in ("--lora", str(path))]
+    if any("," in str(path) for path in adapter_ggufs):
+        raise ValueError("llama-server's --lora takes a comma-separated list: no commas in adapter paths")
+    # One --lora with every path: given several times, only the last one counts.
+    loras = ["--lora", ",".join(map(str, adapter_ggufs))] if adapter_ggufs else []
     return [
         str(server), "-m", str(model_gguf), "--host", "127.0.0.1", "--port", str(port),
         "--threads", str(threads), "--threads-batch", str(threads), "--parallel", str(parallel),

@@ -68,12 +68,14 @@ def test_llamacpp_server_command_loads_every_adapter_unapplied():
     loras = [Path(f"/g/a{i}.gguf") for i in range(3)]
     cmd = llamacpp.server_command(Path("/b/llama-server"), Path("/g/m.gguf"), loras, 8123, 2, 16, 512)
     assert cmd[:3] == ["/b/llama-server", "-m", "/g/m.gguf"]
-    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--lora"] == [str(p) for p in loras]
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--lora"] == [",".join(str(p) for p in loras)]
     assert "--lora-init-without-apply" in cmd
     value = lambda flag: cmd[cmd.index(flag) + 1]  # noqa: E731
     assert (value("--port"), value("--threads"), value("--parallel"), value("--ctx-size")) == ("8123", "2", "16",
                                                                                              str(16 * 512))
     assert value("--host") == "127.0.0.1"
+    with pytest.raises(ValueError, match="comma"):
+        llamacpp.server_command(Path("/b/llama-server"), Path("/g/m.gguf"), [Path("/g/a,b.gguf")], 1, 2, 16, 512)
 
 
 def test_llamacpp_request_picks_its_adapter_by_id():
@@ -187,6 +189,6 @@ def test_each_server_is_started_the_way_the_issue_says(tmp_path):
 
     llama = spec("llamacpp", "bfloat16")
     assert llama.command[llama.command.index("-m") + 1] == "/g/bfloat16/model.gguf"
-    assert llama.command.count("--lora") == 8
+    assert len(llama.command[llama.command.index("--lora") + 1].split(",")) == 8
     assert llama.body_for("peer-3-r8", "hi", 64)["lora"][3] == {"id": 3, "scale": 1.0}
     assert spec("llamacpp", "float32").command[2] == "/g/float32/model.gguf"
