@@ -12,6 +12,7 @@ a request picks its adapter with `"lora": [{"id": i, "scale": 1.0}]`.
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from importlib import metadata
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ def cmake_configure_args(source: Path, build: Path, cpu_flags: frozenset[str]) -
     """The cmake configure command: no -march=native, AVX512 where the CPU has it, AMX off."""
     isa = [f"-D{option}={'ON' if flag in cpu_flags else 'OFF'}" for flag, option in AVX512_OPTIONS.items()]
     return [
-        "cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+        "cmake", "-S", str(source), "-B", str(build), *(["-G", "Ninja"] if shutil.which("ninja") else []),
+        "-DCMAKE_BUILD_TYPE=Release",
         "-DGGML_NATIVE=OFF", *isa, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
         "-DGGML_CCACHE=OFF", "-DBUILD_SHARED_LIBS=OFF",
         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
