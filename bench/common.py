@@ -63,8 +63,9 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
-def make_bench_adapters(model_dir: Path, out: Path, prefix: str, ranks, seed: int) -> list[str]:
-    """Random all-linear PEFT adapters (alpha = 2r) for the default model, written to `out`."""
+def make_bench_adapters(model_dir: Path, out: Path, prefix: str, ranks, seed: int,
+                        target_modules: list[str] | str = "all-linear") -> list[str]:
+    """Random PEFT adapters (alpha = 2r, all-linear unless told) for the model in `model_dir`, written to `out`."""
     from transformers import AutoModelForCausalLM
 
     from tests.peft_adapters import AdapterRecipe, make_peft_adapter
@@ -72,7 +73,8 @@ def make_bench_adapters(model_dir: Path, out: Path, prefix: str, ranks, seed: in
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     names = []
     for i, rank in enumerate(ranks):
-        recipe = AdapterRecipe(f"{prefix}-{i}-r{rank}", r=rank, lora_alpha=2 * rank, seed=seed + i, b_std=0.01)
+        recipe = AdapterRecipe(f"{prefix}-{i}-r{rank}", r=rank, target_modules=target_modules, lora_alpha=2 * rank,
+                               seed=seed + i, b_std=0.01)
         make_peft_adapter(hf, recipe, out)
         names.append(recipe.name)
     return names
