@@ -35,9 +35,7 @@ class _Matcher:
 
     def catch_up(self, output_token_ids: list[int], words: int) -> torch.Tensor | None:
         """The mask for the next token after `output_token_ids` (None: leave the row free)."""
-        if self.job is not None:
-            self.job.result()
-            self.job = None
+        self.wait()
         if self.num_accepted > len(output_token_ids):  # never expected; keep the matcher true
             self.matcher.rollback(self.num_accepted - len(output_token_ids))
             self.num_accepted, self.next_mask = len(output_token_ids), None
@@ -48,6 +46,15 @@ class _Matcher:
         if self.next_mask is None:
             self.fill(words)
         return self.next_mask
+
+    def wait(self) -> float:
+        """Wait for the worker's pending advance; returns the seconds waited."""
+        if self.job is None:
+            return 0.0
+        started = time.perf_counter()
+        self.job.result()
+        self.job = None
+        return time.perf_counter() - started
 
     def advance(self, token: int, words: int) -> None:
         self.matcher.accept_token(token)
@@ -68,11 +75,13 @@ class MaskStats:
     num_tokens: int = 0  # constrained rows sampled
     worker_seconds: float = 0.0  # accept + next mask, in the worker (overlapped with the forward)
     critical_seconds: float = 0.0  # time apply() adds to the step (waits, catch-up, the masking)
+    wait_seconds: float = 0.0  # the part of critical_seconds spent waiting for the worker
 
     @property
     def us_per_token(self) -> float:
-        """All grammar work (overlapped or not) per constrained token."""
-        return 1e6 * (self.worker_seconds + self.critical_seconds) / max(1, self.num_tokens)
+        """All grammar work (in the worker or not; waits not counted twice) per constrained token."""
+        work = self.worker_seconds + self.critical_seconds - self.wait_seconds
+        return 1e6 * work / max(1, self.num_tokens)
 
 
 class GrammarMasks:
@@ -91,9 +100,11 @@ class GrammarMasks:
         started = time.perf_counter()
         words = xgrammar.get_bitmask_shape(1, logits.shape[-1])[1]
         bitmask = torch.full((len(requests), words), -1, dtype=torch.int32)  # [n, words], all allowed
-        masked = []
+        masked, waited = [], 0.0
         for i in rows:
-            mask = self._matcher(requests[i]).catch_up(requests[i].output_token_ids, words)
+            matcher = self._matcher(requests[i])
+            waited += matcher.wait()
+            mask = matcher.catch_up(requests[i].output_token_ids, words)
             if mask is not None:
                 bitmask[i] = mask
                 masked.append(i)
@@ -103,6 +114,7 @@ class GrammarMasks:
         with self._stats_lock:
             self.stats.num_tokens += len(rows)
             self.stats.critical_seconds += time.perf_counter() - started
+            self.stats.wait_seconds += waited
         return logits
 
     def accept(self, requests: Sequence[Request], tokens: Sequence[int], vocab_size: int) -> None:

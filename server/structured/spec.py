@@ -28,6 +28,10 @@ REGEX = "regex"
 STRUCTURAL_TAG = "structural_tag"  # xgrammar's structural tag (tool calls)
 KINDS = (JSON_SCHEMA, REGEX, STRUCTURAL_TAG)
 ANY_JSON_OBJECT = {"type": "object"}
+# Repetition bounds are unrolled by the grammar compiler: minLength 10**8 takes seconds of
+# CPU. Larger counts than this cannot fit any context anyway.
+MAX_SCHEMA_COUNT = 10_000
+_COUNT_KEYS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,23 @@ def json_schema_spec(schema: Any, param: str, strict: bool = True) -> GrammarSpe
             raise GrammarError(f"{param}: the schema is not valid JSON: {exc}", param) from None
     if not isinstance(schema, (dict, bool)):
         raise GrammarError(f"{param}: a JSON schema must be an object", param)
+    _check_counts(schema, param)
     return GrammarSpec(JSON_SCHEMA, canonical_json(schema), param, strict)
+
+
+def _check_counts(node: Any, param: str) -> None:
+    """Refuse repetition bounds above MAX_SCHEMA_COUNT anywhere in the schema."""
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in _COUNT_KEYS:
+                value = node.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_SCHEMA_COUNT:
+                    raise GrammarError(f"{param}: {key}={value} exceeds {MAX_SCHEMA_COUNT}", param)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def regex_spec(pattern: Any, param: str) -> GrammarSpec:

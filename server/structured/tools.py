@@ -98,7 +98,8 @@ def parse_tool_calling(tools: list[dict] | None, tool_choice: Any, parallel_tool
     if tool_choice == "required":
         return ToolCalling(parsed, "required", parallel=parallel)
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if name not in names:
             raise GrammarError(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
         return ToolCalling(parsed, "named", named=name, parallel=parallel)

@@ -63,6 +63,8 @@ def test_every_api_shape_becomes_one_spec_and_equal_grammars_share_a_key():
     (lambda: from_tgi_grammar({"type": "lark", "value": "x"}), "grammar.type"),
     (lambda: from_structured_outputs({"json": SCHEMA, "regex": "a"}), "structured_outputs"),
     (lambda: from_structured_outputs({"grammar": "x"}), "structured_outputs"),
+    (lambda: from_structured_outputs({"json": {"type": "array", "items": {"type": "string", "minLength": 10**8}}}),
+     "structured_outputs.json"),
     (lambda: one_of(regex_spec("a", "grammar"), json_schema_spec(SCHEMA, "response_format")), "response_format"),
 ])
 def test_malformed_fields_raise_naming_the_field(call, param):
