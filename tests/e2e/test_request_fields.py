@@ -9,18 +9,24 @@ that names the field. Unknown fields are refused the same way.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import typing
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import pytest
 from pydantic import BaseModel
 
+from loramux.scheduler.request import FinishReason
 from loramux.scheduler.sampling_params import SamplingParams
 from loramux.server.api import openai as openai_api
 from loramux.server.api import tgi as tgi_api
+from loramux.server.cli import build_parser
+from loramux.server.offline import OfflineEngine, OfflineRequest
+from loramux.server.serve import config_from_args
 from loramux.server.service import GenerationService
 from loramux.server.structured.tools import render_history
 from tests.e2e.conftest import TINY_NAME
@@ -167,9 +173,14 @@ def _n(api: Api, route: str) -> None:
     assert len(api.openai(route, n=3)["choices"]) == 3
 
 
+def _stop_string(text: str) -> str:
+    """Three characters from the middle of a text: a stop string it reaches half-way."""
+    return text[len(text) // 2 :][:3]
+
+
 def _stop(api: Api, route: str) -> None:
     text = api.openai_text(route, max_tokens=12)
-    cut = text[len(text) // 2 :][:3]
+    cut = _stop_string(text)
     choice = api.openai(route, max_tokens=12, stop=[cut])["choices"][0]
     content = choice["message"]["content"] if route == "chat" else choice["text"]
     assert content == text[: text.index(cut)] and choice["finish_reason"] == "stop"
@@ -177,7 +188,7 @@ def _stop(api: Api, route: str) -> None:
 
 def _include_stop_str(api: Api, route: str) -> None:
     text = api.openai_text(route, max_tokens=12)
-    cut = text[len(text) // 2 :][:3]
+    cut = _stop_string(text)
     kept = api.openai_text(route, max_tokens=12, stop=[cut], include_stop_str_in_output=True)
     assert kept == text[: text.index(cut) + len(cut)]
 
@@ -623,25 +634,21 @@ def _tgi_details(api: Api) -> None:
 
 def _tgi_decoder_input_details(api: Api) -> None:
     assert api.generate()["details"]["prefill"] == []
-    prefill = api.generate(decoder_input_details=True)["details"]["prefill"]
-    assert len(prefill) == len(api.generate(decoder_input_details=True)["details"]["prefill"]) > 1
+    details = api.generate(decoder_input_details=True)["details"]
+    prefill = details["prefill"]
+    assert len(prefill) == details["prompt_tokens"] > 1 and prefill[0]["logprob"] is None
+    assert all(token["logprob"] <= 0 for token in prefill[1:])
 
 
 def _tgi_ignore_eos_token(api: Api, offline: Offline) -> None:
     """The tiny model never picks EOS by itself and TGI has no logit_bias: the route's
     params are run offline with EOS forced."""
-    import asyncio
-
     service = offline.service
     eos = service.tokenizer.eos_token_id
 
     def params(**fields) -> SamplingParams:
         body = tgi_api.TgiRequest(inputs=PROMPT, parameters={"max_new_tokens": MAX_TOKENS, **fields})
         return asyncio.run(tgi_api.build_generation(service, body)).params
-
-    from dataclasses import replace
-
-    from loramux.server.offline import OfflineEngine, OfflineRequest
 
     ids = service.encode(PROMPT)
     runs = [
@@ -664,7 +671,7 @@ def _tgi_return_full_text(api: Api) -> None:
 
 def _tgi_stop(api: Api) -> None:
     text = _gen_text(api, max_new_tokens=12)
-    cut = text[len(text) // 2 :][:3]
+    cut = _stop_string(text)
     answer = api.generate(max_new_tokens=12, stop=[cut])
     assert answer["generated_text"] == text[: text.index(cut)]
     assert answer["details"]["finish_reason"] == "stop_sequence"
@@ -877,13 +884,6 @@ def test_unknown_tgi_fields_are_refused_by_name(api):
 
 def test_server_default_repetition_guard(tiny_reference, tiny_files):
     """--default-repetition-window guards every request that sets no window of its own."""
-    from dataclasses import replace
-
-    from loramux.scheduler.request import FinishReason
-    from loramux.server.cli import build_parser
-    from loramux.server.offline import OfflineEngine, OfflineRequest
-    from loramux.server.serve import config_from_args
-
     args = build_parser().parse_args(["serve", "--model", str(tiny_files.model), "--default-repetition-window", "5"])
     server = config_from_args(args).server
     assert server.default_repetition_window == 5

@@ -164,3 +164,24 @@ def test_greedy_batches_build_no_filters():
     rows = [request("a", temperature=0.0), request("b", temperature=0.0)]
     meta = build_sampling_metadata(rows, VOCAB, torch.device("cpu"))
     assert meta.filters is None and meta.penalties is None and meta.logit_bias is None
+
+
+def test_one_softmax_and_one_sort_per_step_however_many_rows(monkeypatch):
+    """Filters run on the batch: the number of softmax/sort calls does not grow with rows."""
+    calls = {"softmax": 0, "sort": 0}
+    softmax, sort = torch.softmax, torch.Tensor.sort
+
+    def counting_softmax(*args, **kwargs):
+        calls["softmax"] += 1
+        return softmax(*args, **kwargs)
+
+    def counting_sort(self, *args, **kwargs):
+        calls["sort"] += 1
+        return sort(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "softmax", counting_softmax)
+    monkeypatch.setattr(torch.Tensor, "sort", counting_sort)
+    rows = [request(f"r{i}", seed=i, temperature=0.5 + i / 10, top_k=3 + i, top_p=0.9) for i in range(12)]
+    tokens, _ = Sampler(torch.device("cpu")).sample(logits_rows(len(rows)), rows)
+    assert len(tokens) == 12
+    assert calls == {"softmax": 1, "sort": 1}
