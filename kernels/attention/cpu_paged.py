@@ -129,8 +129,8 @@ def gather_group(group: DecodeGroup, block_size: int, layer: AttentionLayer) -> 
     max_ctx = int(lens.max())
     positions = torch.arange(max_ctx, device=lens.device)[None, :]  # [1, max_ctx]
     full = positions < lens[:, None]  # [B, max_ctx]
-    blocks = group.block_tables.gather(1, (positions // block_size).clamp(max=group.block_tables.shape[1] - 1).expand(
-        lens.shape[0], -1))
+    block_index = (positions // block_size).clamp(max=group.block_tables.shape[1] - 1)  # [1, max_ctx]
+    blocks = group.block_tables.gather(1, block_index.expand(lens.shape[0], -1))  # [B, max_ctx]
     gather = torch.where(full, blocks * block_size + positions % block_size, 0)
     visible = full
     if layer.window is not None:
