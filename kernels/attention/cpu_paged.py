@@ -12,7 +12,6 @@ KV head, head_dim > 256) fall back to the torch decode for that call.
 from __future__ import annotations
 
 import ctypes
-import logging
 from pathlib import Path
 
 import torch
@@ -21,7 +20,6 @@ from loramux.kernels.attention.backend import AttentionLayer
 from loramux.kernels.attention.torch_paged import DecodeGroup, TorchPagedAttention
 from loramux.kernels.cpu_build import load_kernel_library
 
-logger = logging.getLogger(__name__)
 
 SOURCE = "paged_decode"
 ENTRY_POINTS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
