@@ -20,7 +20,6 @@ from loramux.kernels.attention.backend import AttentionLayer
 from loramux.kernels.attention.torch_paged import DecodeGroup, TorchPagedAttention
 from loramux.kernels.cpu_build import load_kernel_library
 
-
 SOURCE = "paged_decode"
 ENTRY_POINTS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 MAX_GROUP, MAX_HEAD_DIM = 32, 256  # as kernels/cpu/paged_decode.c
