@@ -98,7 +98,7 @@ class CpuArena:
         piece = self._buffer[start:end]
         # The finalizer runs when the last tensor over `piece` is gone (torch keeps the
         # buffer object alive as long as any view of its storage).
-        weakref.finalize(piece, self._released.append, (start, size))
+        weakref.finalize(piece, self._released.append, (start, size)).atexit = False
         return torch.frombuffer(piece, dtype=torch.uint8)[:nbytes]
 
     def _first_fit(self, size: int) -> int | None:

@@ -125,14 +125,15 @@ class AdapterStore:
         # faulted in ahead for a burst of cold loads of the largest adapter, at most
         # cpu_prefault_bytes (a store of small adapters faults in little).
         max_adapter = _max_adapter_bytes(spec, self.max_rank, dtype)
-        self._arena = (
-            CpuArena(
-                config.cpu_cache_bytes + max_adapter,
-                min(config.cpu_prefault_bytes, PREFAULT_LOADS * max_adapter),
-            )
-            if config.cpu_cache_bytes > 0
-            else None
-        )
+        self._arena: CpuArena | None = None
+        if config.cpu_cache_bytes > 0:
+            try:
+                self._arena = CpuArena(
+                    config.cpu_cache_bytes + max_adapter,
+                    min(config.cpu_prefault_bytes, PREFAULT_LOADS * max_adapter),
+                )
+            except OSError as e:  # no address space or commit for the mapping (strict overcommit)
+                log.warning("CPU tier without an arena (adapters in fresh memory): %s", e)
         self._cpu = CpuCache(config.cpu_cache_bytes, make_policy(config.eviction_policy), self._arena)
         self._load_fn: LoadFn = load_fn or partial(load_adapter, alloc=self._allocate)
         self._slots: SlotTable[AdapterEntry] = SlotTable(

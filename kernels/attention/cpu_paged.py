@@ -12,7 +12,6 @@ KV head, head_dim > 256) fall back to the torch decode for that call.
 from __future__ import annotations
 
 import ctypes
-import logging
 from pathlib import Path
 
 import torch
@@ -20,8 +19,6 @@ import torch
 from loramux.kernels.attention.backend import AttentionLayer
 from loramux.kernels.attention.torch_paged import DecodeGroup, TorchPagedAttention
 from loramux.kernels.cpu_build import load_kernel_library
-
-logger = logging.getLogger(__name__)
 
 SOURCE = "paged_decode"
 ENTRY_POINTS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
@@ -129,8 +126,8 @@ def gather_group(group: DecodeGroup, block_size: int, layer: AttentionLayer) -> 
     max_ctx = int(lens.max())
     positions = torch.arange(max_ctx, device=lens.device)[None, :]  # [1, max_ctx]
     full = positions < lens[:, None]  # [B, max_ctx]
-    blocks = group.block_tables.gather(1, (positions // block_size).clamp(max=group.block_tables.shape[1] - 1).expand(
-        lens.shape[0], -1))
+    block_index = (positions // block_size).clamp(max=group.block_tables.shape[1] - 1)  # [1, max_ctx]
+    blocks = group.block_tables.gather(1, block_index.expand(lens.shape[0], -1))  # [B, max_ctx]
     gather = torch.where(full, blocks * block_size + positions % block_size, 0)
     visible = full
     if layer.window is not None:

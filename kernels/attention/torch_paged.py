@@ -89,7 +89,7 @@ def stage_paged_metadata(
 
     decode_gather=False leaves out the decodes' per-position gather indices and masks
     (O(decodes x context) host work per step) for kernels that read the block tables."""
-    host: list[torch.Tensor] = []  # int64 pieces, concatenated into one copy
+    host: list[torch.Tensor] = []  # int64 gather pieces of later prefill chunks
     slot_chunks: list[torch.Tensor] = []
     decode_rows: list[int] = []
     decode_seqs: list[int] = []

@@ -44,6 +44,21 @@ static inline bf16 f32_to_bf16(float f)
 
 static inline float f32_id(float v) { return v; }
 
+#define LANES 16
+
+/* a . b in a fixed order: LANES partial sums (vectorized), summed in order, then the tail. */
+static inline float dot(const float *restrict a, const float *restrict b, int n)
+{
+    float part[LANES] = {0};
+    int d = 0;
+    for (; d + LANES <= n; d += LANES)
+        for (int l = 0; l < LANES; l++) part[l] += a[d + l] * b[d + l];
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += part[l];
+    for (; d < n; d++) s += a[d] * b[d];
+    return s;
+}
+
 #define MAX_GROUP 32  /* query heads per KV head (more: the caller falls back) */
 #define MAX_HEAD_DIM 256
 
@@ -95,9 +110,7 @@ static inline float f32_id(float v) { return v; }
                     float kf[MAX_HEAD_DIM];                                                     \
                     for (int d = 0; d < head_dim; d++) kf[d] = LOAD(k[d]);                      \
                     for (int i = 0; i < group; i++) {                                           \
-                        float s = 0.0f;                                                         \
-                        for (int d = 0; d < head_dim; d++) s += qf[i][d] * kf[d];               \
-                        s *= scale;                                                             \
+                        float s = dot(qf[i], kf, head_dim) * scale;                             \
                         if (softcap > 0.0f) s = softcap * tanhf(s / softcap);                   \
                         scores[i * len + (j - lo)] = s;                                         \
                         if (s > maxes[i]) maxes[i] = s;                                         \

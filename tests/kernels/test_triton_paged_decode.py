@@ -10,7 +10,6 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
-from loramux.kernels.attention.backend import AttentionLayer  # noqa: E402
 from loramux.kernels.attention.torch_paged import TorchPagedAttention  # noqa: E402
 from loramux.kernels.attention.triton_paged import TritonPagedAttention  # noqa: E402
 from loramux.kernels.triton.paged_decode import paged_decode  # noqa: E402
