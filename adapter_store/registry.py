@@ -49,7 +49,7 @@ class AdapterDescription:
 
     rank: int  # max rank over the adapted projections
     target_modules: tuple[str, ...]  # adapted leaf names (q_proj, ...), in the spec's order
-    num_bytes: int  # lora_A + lora_B bytes in the serving dtype: what a tier holds
+    num_bytes: int  # lora_A + lora_B bytes in the serving dtype (+ DoRA magnitudes): what a tier holds
     disk_bytes: int  # adapter_config.json + adapter_model.safetensors
 
 
@@ -191,8 +191,10 @@ class Describer:
             {spec.module_name(*key): target.scaling for key, target in targets.items()},
             self.dtype,
         )
+        # lora_a + lora_b in the serving dtype, and DoRA's fp32 magnitude [out] (as loaded)
         num_bytes = sum(
             t.rank * sum(spec.serving_shape(module)) * self._elem
+            + (4 * spec.serving_shape(module)[1] if config.use_dora else 0)
             for (_, module), t in targets.items()
         )
         adapted = {module for _, module in targets}

@@ -2,6 +2,9 @@
 
 The backend is chosen once at start-up (`select_backend`); no layer branches on it.
 Per-step planning is explicit: `prepare(info)` once, then `add_lora` per layer.
+DoRA adds no backend work: its per-token rescale (kernels/dora.py) follows `add_lora`
+in the layer, in plain torch ops, whatever the backend; embedding LoRA is a gather
+(kernels/embedding_lora.py); lm_head LoRA is one more `add_lora` on the logits rows.
 """
 
 from __future__ import annotations

@@ -95,8 +95,7 @@ class DecoderModel:
         }
         self.lora = lora
         self.outer_lora = outer_lora or {}
-        embed = self.outer_lora.get(EMBED_MODULE)
-        self.embed_lora = embed
+        self.embed_lora = self.outer_lora.get(EMBED_MODULE)
         # One tuple made once: backends key per-projection tables on the slices they get.
         self.head_lora = (self.outer_lora[HEAD_MODULE],) if HEAD_MODULE in self.outer_lora else None
         self.lora_backend = lora_backend

@@ -49,3 +49,18 @@ def test_slot_writes_match_load_adapter(tmp_path, make_adapter, spec, dtype, sta
         assert store.info(name).num_bytes == expected.num_bytes
         assert store.info(name).rank == expected.max_rank
         store.unpin(slot)
+
+
+def test_dora_and_vocab_adapters_are_sized_as_loaded(tmp_path, make_adapter, spec):
+    """What the registry predicts from the config alone is what the loaded adapter takes."""
+    from loramux.adapter_store.registry import Describer
+
+    for name, kwargs in {
+        "dora": dict(target_modules=["q_proj", "lm_head"], use_dora=True),
+        "vocab": dict(target_modules=["embed_tokens", "lm_head", "v_proj"]),
+    }.items():
+        directory, _ = make_adapter(name, r=4, lora_alpha=8, **kwargs)
+        described = Describer(spec, MAX_RANK, torch.float32).describe(name, directory)
+        loaded = load_adapter(name, directory, spec, MAX_RANK)
+        assert described.num_bytes == loaded.num_bytes
+        assert set(described.target_modules) == {module for _, module in loaded.modules}

@@ -9,13 +9,19 @@ from loramux.kernels.backend import select_backend
 from loramux.scheduler.request import BASE_SLOT, Request
 from loramux.scheduler.sampling_params import SamplingParams
 from loramux.server.models.loader import load_model
+from loramux.server.models.registry import supported_model_types
 from loramux.server.runner.model_runner import ModelRunner
 from tests.models.peft_batch import assert_matches_peft, serve_batch
 from tests.peft_adapters import family_recipes
-from tests.tiny_models import FAMILY_KINDS, generate_static, save_tiny_model
+from tests.tiny_models import FAMILY_KINDS, generate_static, save_tiny_model, tiny_config
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [40]]
 NUM_STEPS = 6
+
+
+def test_every_registered_family_is_compared():
+    """A family added to the registry needs its tiny config here (and so in `make golden`)."""
+    assert {tiny_config(kind).model_type for kind in FAMILY_KINDS} == set(supported_model_types())
 
 
 def reference_logits(hf_model, tokens: list[int], num_prompt: int) -> torch.Tensor:
