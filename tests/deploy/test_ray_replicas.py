@@ -97,7 +97,7 @@ def _on_every_replica(app, adapter_id: str, present: bool, timeout_s: float = 30
 
 
 def test_an_upload_reaches_both_replicas(affine_app, affine_run, adapters):
-    source = adapters[0] / ".source"
+    source = adapters[0] / ".source" / "source"  # make_adapters writes its one trained adapter there
     files = [("file", (name, (source / name).read_bytes())) for name in ("adapter_config.json",
                                                                          "adapter_model.safetensors")]
     response = httpx.post(f"{affine_app.url}/v1/adapters", data={"adapter_id": "uploaded-one"}, files=files,
