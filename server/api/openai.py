@@ -22,7 +22,7 @@ from loramux.server.api.auth import check_api_key
 from loramux.server.api.request_fields import KEEP_UNKNOWN, refuse_unknown_fields
 from loramux.server.api.redact import redact_paths
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
-from loramux.server.api.sse import sse_event, sse_response
+from loramux.server.api.sse import sse_event, sse_response, start_stream
 from loramux.server.merge_request import resolve_adapter_or_merge
 from loramux.server.outputs import RequestOutput
 from loramux.server.service import (
@@ -341,6 +341,15 @@ async def _merged(service: GenerationService, generations: list[Generation], req
             task.cancel()  # a client that went away aborts every choice
 
 
+async def _start_choices(request: Request, service: GenerationService, generations: list[Generation],
+                         request_id: str, admission: Admission):
+    """A stream's choices, merged, once each has its first output: a request that fails
+    before any output (its adapter deleted while it queued) gets its error status before
+    the stream's 200. Returns the outputs and the response's on_close."""
+    merged = _merged(service, generations, request_id, admission)
+    return await start_stream(request, merged, len(generations), key=lambda item: item[0], release=admission.release)
+
+
 def _usage(choices_prompt_tokens: int, completion_tokens: int) -> dict:
     return {
         "prompt_tokens": choices_prompt_tokens,
@@ -472,9 +481,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest,
     # before a stream's 200.
     admission = service.admit(len(generations), "chat", generations[0].adapter_id)
     if body.stream:
-        events = _chat_stream(service, body, generations, request_id, response_id, created, model, admission,
-                              calling)
-        return sse_response(events, on_close=admission.release)
+        outputs, on_close = await _start_choices(request, service, generations, request_id, admission)
+        return sse_response(_chat_stream(service, body, generations, outputs, response_id, created, model, calling),
+                            on_close=on_close)
     try:
         choices = await cancel_on_disconnect(request, _run_all(service, generations, request_id, admission))
     finally:
@@ -496,15 +505,15 @@ async def chat_completions(request: Request, body: ChatCompletionRequest,
     }
 
 
-async def _chat_stream(service, body, generations, request_id, response_id, created, model,
-                       admission, calling: ToolCalling | None) -> AsyncIterator[str]:
+async def _chat_stream(service, body, generations, outputs: AsyncIterator[tuple[int, RequestOutput]], response_id, created,
+                       model, calling: ToolCalling | None) -> AsyncIterator[str]:
     parsers = [ToolCallParser(calling.names()) for _ in generations] if calling else None
 
     async def choices(counter: list[int]) -> AsyncIterator[dict]:
         for index in range(len(generations)):
             yield {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                    "finish_reason": None}
-        async for index, output in _merged(service, generations, request_id, admission):
+        async for index, output in outputs:
             counter[0] += len(output.new_token_ids)
             delta = {"content": output.new_text} if output.new_text else {}
             if parsers:  # tool calls are sent as whole calls once their block closes
@@ -635,8 +644,9 @@ async def completions(request: Request, body: CompletionRequest,
     model = body.model or service.served_model_name
     admission = service.admit(len(generations), "completions", generations[0].adapter_id)
     if body.stream:
-        events = _completion_stream(service, body, generations, request_id, response_id, created, model, admission)
-        return sse_response(events, on_close=admission.release)
+        outputs, on_close = await _start_choices(request, service, generations, request_id, admission)
+        return sse_response(_completion_stream(service, body, generations, outputs, response_id, created, model),
+                            on_close=on_close)
     try:
         choices = await cancel_on_disconnect(request, _run_all(service, generations, request_id, admission))
     finally:
@@ -669,11 +679,11 @@ async def completions(request: Request, body: CompletionRequest,
     }
 
 
-async def _completion_stream(service, body, generations, request_id, response_id, created, model,
-                             admission) -> AsyncIterator[str]:
+async def _completion_stream(service, body, generations, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                             response_id, created, model) -> AsyncIterator[str]:
     async def choices(counter: list[int]) -> AsyncIterator[dict]:
         echoed: set[int] = set()
-        async for index, output in _merged(service, generations, request_id, admission):
+        async for index, output in outputs:
             counter[0] += len(output.new_token_ids)
             text = output.new_text
             if body.echo and index not in echoed:

@@ -22,7 +22,7 @@ from loramux.server.api.auth import check_api_key
 from loramux.server.api.redact import redact_paths
 from loramux.server.api.request_fields import KEEP_UNKNOWN, refuse_unknown_fields
 from loramux.server.api.context import cancel_on_disconnect, current_request_id, get_service
-from loramux.server.api.sse import sse_event, sse_response
+from loramux.server.api.sse import sse_event, sse_response, start_stream
 from loramux.server.merge_request import resolve_adapter_or_merge
 from loramux.server.outputs import RequestOutput
 from loramux.server.service import (
@@ -325,11 +325,11 @@ async def _generate(service: GenerationService, body: TgiRequest, generations: l
 
 
 async def _stream_events(service: GenerationService, body: TgiRequest, generation: Generation,
-                         admission: Admission) -> AsyncIterator[str]:
+                         outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
     text = ""
     p = body.parameters
     try:
-        async for output in service.stream(generation, current_request_id(), admission):
+        async for output in outputs:
             text += output.new_text
             if not output.new_token_ids:
                 continue
@@ -355,15 +355,20 @@ async def _stream_events(service: GenerationService, body: TgiRequest, generatio
 
 
 async def _run(request: Request, body: TgiRequest, service: GenerationService, stream: bool):
-    """Validation and admission (429/503) happen before the response starts: a stream that
-    cannot run gets a plain 4xx/5xx, never an error event after a 200."""
+    """Validation, admission (429/503) and the first output happen before the response
+    starts: a stream that cannot run gets a plain 4xx/5xx, never an error event after a 200."""
     try:
         generations = await build_generations(service, body, stream)
         admission = service.admit(len(generations), "generate", generations[0].adapter_id)
+        if stream:
+            outputs, on_close = await start_stream(
+                request, service.stream(generations[0], current_request_id(), admission), 1,
+                key=lambda _: 0, release=admission.release,
+            )
     except ServiceError as exc:
         raise TgiError(exc) from None
     if stream:
-        return sse_response(_stream_events(service, body, generations[0], admission), on_close=admission.release)
+        return sse_response(_stream_events(service, body, generations[0], outputs), on_close=on_close)
     try:
         return await cancel_on_disconnect(request, _generate(service, body, generations, admission))
     except ServiceError as exc:

@@ -6,13 +6,17 @@ LORAMUX_TEST_FAULTS, comma-separated:
                batch (alone or not): the engine must fail that request only
   engine:<N>   the engine step raises SystemError (outside the forward: the engine thread
                dies) once a request with max_tokens == N is queued
+  slowload:<MS> every adapter load takes MS milliseconds longer (on the loader thread), so
+               requests on an adapter that is not resident wait queued meanwhile
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
+from loramux.adapter_store import store
 from loramux.server.cli import main
 from loramux.server.engine_core import EngineCore
 from loramux.server.runner.model_runner import ModelRunner
@@ -48,6 +52,15 @@ def install(faults: dict[str, int]) -> None:
             return step(self)
 
         EngineCore.step = dying_step
+    if "slowload" in faults:
+        delay_s = faults["slowload"] / 1000
+        load = store.load_adapter
+
+        def slow_load(*args, **kwargs):
+            time.sleep(delay_s)
+            return load(*args, **kwargs)
+
+        store.load_adapter = slow_load
 
 
 if __name__ == "__main__":

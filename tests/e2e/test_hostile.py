@@ -323,6 +323,7 @@ def test_sigterm_drains_then_exits(public_server):
 
 FORWARD_POISON = 13
 ENGINE_POISON = 17
+SLOW_LOAD_MS = 3000  # every adapter load of the fault server: requests on it wait queued
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +335,7 @@ def fault_server(tiny_files, tmp_path_factory):
         del args[i:i + 2]
     args += ["--metrics-require-api-key"]
     env = {"LORAMUX_API_KEY": "env-user-key", "LORAMUX_ADMIN_API_KEY": "env-admin-key",
-           "LORAMUX_TEST_FAULTS": f"forward:{FORWARD_POISON},engine:{ENGINE_POISON}"}
+           "LORAMUX_TEST_FAULTS": f"forward:{FORWARD_POISON},engine:{ENGINE_POISON},slowload:{SLOW_LOAD_MS}"}
     server = start_server(args, tmp_path_factory.mktemp("faults") / "server.log", "env-user-key", "env-admin-key",
                           env=env, module="tests.e2e.fault_server")
     yield server
@@ -377,6 +378,37 @@ def test_a_failing_forward_fails_only_its_culprit(fault_server: Server):
         r = results[f"good{i}"]
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == alone  # as if the culprit had not been there
+    assert httpx.get(f"{fault_server.url}/health").status_code == 200
+
+
+def test_a_stream_whose_adapter_is_deleted_while_it_queues_gets_a_404_not_a_broken_200(fault_server: Server):
+    """Deleted before its first token: the client named an adapter that is gone, which is
+    a plain 404 before the stream starts on every route (never a 200, then an error event)."""
+    streams = {
+        "chat": (CHAT, chat(model="beta", stream=True)),
+        "completions": (COMPLETIONS, completion(model="beta", stream=True)),
+        "generate_stream": ("/generate_stream", {**generate(), "parameters": {"max_new_tokens": 2,
+                                                                              "adapter_id": "beta"}}),
+    }
+    answers: dict[str, tuple[int, str]] = {}
+
+    def run(name: str) -> None:
+        path, body = streams[name]
+        with httpx.Client(base_url=fault_server.url, headers=fault_server.headers(), timeout=60) as c, \
+                c.stream("POST", path, json=body) as r:
+            answers[name] = (r.status_code, r.read().decode())
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in streams]
+    for t in threads:
+        t.start()
+    time.sleep(SLOW_LOAD_MS / 3000)  # all three queued, the load of beta under way
+    r = httpx.delete(f"{fault_server.url}/v1/adapters/beta", headers=fault_server.headers(admin=True), timeout=30)
+    assert r.status_code == 200, r.text
+    for t in threads:
+        t.join(60)
+    for name, (status, text) in answers.items():
+        assert status == 404, (name, status, text)
+        assert "beta" in text and "data:" not in text, (name, text)
     assert httpx.get(f"{fault_server.url}/health").status_code == 200
 
 
