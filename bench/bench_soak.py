@@ -5,7 +5,8 @@ Traffic, all at once: chat and generate, streaming and not, on the base model an
 adapters; clients that disconnect mid-stream; an admin who uploads an adapter, replaces it
 and deletes it while requests on it run; a few hostile requests; /health polled every
 100 ms. Afterwards, with the server idle: KV blocks still in use, adapter leases still
-held, RSS growth since the warm-up, and the p99 of /health.
+held, RSS growth since the warm-up (measured from after the CPU tier's arena has been
+faulted in ahead, which it does by design up to --cpu-prefault-bytes), and the p99 of /health.
 
 Errors counts only 5xx answers and broken streams (no final event, or an error event) on
 valid requests; a 404 on the adapter being deleted is not an error. Targets: errors = 0,
@@ -333,6 +334,30 @@ def lscpu() -> dict:
     }
 
 
+def metric_sum(metrics_text: str, name: str, label: str = "") -> float:
+    return sum(float(line.split()[-1]) for line in metrics_text.splitlines()
+               if line.startswith(name) and label in line and not line.startswith("#"))
+
+
+def arena_faulted(url: str) -> tuple[float, float]:
+    """(faulted, prefault target) bytes of the CPU tier's arena; (0, 0) without one."""
+    metrics = httpx.get(f"{url}/metrics").text
+    return (metric_sum(metrics, "loramux_cpu_arena_bytes", 'state="faulted"'),
+            metric_sum(metrics, "loramux_cpu_arena_bytes", 'state="prefault_target"'))
+
+
+def wait_for_prefault(url: str, timeout_s: float = 120.0) -> None:
+    """The idle loader faults the CPU tier's memory in ahead of loads (by design, bounded
+    by --cpu-prefault-bytes); RSS is measured from after that, so growth means a leak."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        faulted, target = arena_faulted(url)
+        if faulted >= target:
+            return
+        time.sleep(0.5)
+    print(f"warning: the CPU tier's prefault did not finish within {timeout_s:.0f} s")
+
+
 def leftovers(url: str) -> dict:
     """What the idle server still holds: KV blocks, adapter leases, running requests."""
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -340,8 +365,7 @@ def leftovers(url: str) -> dict:
     metrics = httpx.get(f"{url}/metrics").text
 
     def sample(name: str, label: str = "") -> float:
-        return sum(float(line.split()[-1]) for line in metrics.splitlines()
-                   if line.startswith(name) and label in line and not line.startswith("#"))
+        return metric_sum(metrics, name, label)
 
     usage = sample("vllm:kv_cache_usage_perc")
     adapters = httpx.get(f"{url}/v1/adapters", headers=headers).json()["data"]
@@ -395,8 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             warm = Tally()
             asyncio.run(traffic(url, adapters, versions, warmup_s, warm))
+            wait_for_prefault(url)
             time.sleep(1.0)
             rss_start = rss_mb(server.pid)
+            arena_start, _ = arena_faulted(url)
             tally = Tally()
             started = time.monotonic()
             asyncio.run(traffic(url, adapters, versions, args.duration, tally))
@@ -404,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(2.0)  # aborted streams and deletions settle
             left = leftovers(url)
             rss_end = rss_mb(server.pid)
+            arena_end, _ = arena_faulted(url)
             alive = server.poll() is None
         finally:
             server.terminate()
@@ -435,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             "rss_start_mb": round(rss_start, 1),
             "rss_end_mb": round(rss_end, 1),
             "rss_growth_mb": round(rss_end - rss_start, 1),
+            "cpu_arena_faulted_start_mb": round(arena_start / 2**20, 1),
+            "cpu_arena_faulted_end_mb": round(arena_end / 2**20, 1),
             "health_polls": len(tally.health_ms),
             "health_failures": tally.health_failures,
             "health_p50_ms": round(percentile(tally.health_ms, 0.5), 1),

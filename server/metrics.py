@@ -17,6 +17,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from loramux.adapter_store.cpu_arena import ArenaStats
 from loramux.adapter_store.ids import DERIVED_PREFIX
 from loramux.adapter_store.stats import LoadEvent, StoreStats
 from loramux.scheduler.prefix_cache_stats import PrefixCacheCounts
@@ -101,6 +102,10 @@ class ServerMetrics:
         """Export the store's tier figures at every scrape."""
         self._store_stats = stats
         self.registry.register(_StoreCollector(stats))
+
+    def watch_cpu_arena(self, stats: Callable[[], ArenaStats | None]) -> None:
+        """Export the CPU tier's memory (used, faulted in, prefault target) at every scrape."""
+        self.registry.register(_ArenaCollector(stats))
 
     def watch_prefix_cache(
         self, counts: Callable[[], dict[str, PrefixCacheCounts]], num_cached_blocks: Callable[[], int]
@@ -187,6 +192,32 @@ class _StoreCollector:
         evictions.add_metric(["cpu"], s.cpu_evictions)
         evictions.add_metric(["device"], s.device_evictions)
         yield evictions
+
+
+class _ArenaCollector:
+    """The CPU tier's arena: how much of its mapping is in use and faulted in. Faulted-in
+    memory grows ahead of use while the loader is idle (up to the prefault target), so RSS
+    grows with it by design; a leak shows as growth past the target."""
+
+    def __init__(self, stats: Callable[[], ArenaStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        if s is None:  # no arena (the CPU tier is off, or the mapping failed)
+            return
+        nbytes = GaugeMetricFamily("loramux_cpu_arena_bytes", "The CPU tier's arena by state.", labels=["state"])
+        nbytes.add_metric(["capacity"], s.capacity_bytes)
+        nbytes.add_metric(["used"], s.used_bytes)
+        nbytes.add_metric(["faulted"], s.faulted_bytes)
+        nbytes.add_metric(["prefault_target"], s.prefault_target_bytes)
+        yield nbytes
+        allocations = CounterMetricFamily(
+            "loramux_cpu_arena_allocations", "CPU tier allocations: in memory faulted in before, or reaching fresh pages.", labels=["memory"]
+        )
+        allocations.add_metric(["recycled"], s.num_recycled)
+        allocations.add_metric(["fresh"], s.num_unfaulted)
+        yield allocations
 
 
 class _PrefixCacheCollector:

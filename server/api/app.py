@@ -91,6 +91,7 @@ def create_app(parts: EngineParts, metrics: ServerMetrics,
 
     engine.step_listeners.append(observe)
     metrics.watch_store(parts.store.stats)
+    metrics.watch_cpu_arena(parts.store.arena_stats)
     kv_cache = parts.core.scheduler.kv_cache
     metrics.watch_prefix_cache(kv_cache.stats.snapshot, lambda: kv_cache.num_cached_blocks)
 
