@@ -190,7 +190,8 @@ def measure(spec: ServerSpec, port: int, adapter_names: list[str], seconds: floa
             asyncio.run(drive(base_url, names, warmup_s, NUM_CLIENTS, NEW_TOKENS, spec.body_for))
             stats, elapsed = asyncio.run(drive(base_url, names, seconds, NUM_CLIENTS, NEW_TOKENS, spec.body_for))
             results[workload] = {"tok_s": stats.tokens / elapsed, "requests": len(stats.completed),
-                                 "errors": stats.errors, "seconds": elapsed}
+                                 "errors": stats.errors, "error_samples": stats.error_samples[:5],
+                                 "seconds": elapsed}
             say(f"{spec.name} {workload}: {stats.tokens / elapsed:.1f} tok/s, {stats.errors} errors")
     finally:
         stop(process)

@@ -31,6 +31,12 @@ class ClientStats:
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
     completed: list[tuple[str, str]] = field(default_factory=list)  # (adapter, question) per request
+    error_samples: list[str] = field(default_factory=list)  # why, for the first few errors
+
+    def error(self, why: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 10:
+            self.error_samples.append(why[:300])
 
 
 def free_port() -> int:
@@ -62,14 +68,14 @@ async def client_loop(http: httpx.AsyncClient, index: int, adapters: list[str], 
         try:
             async with http.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
-                    stats.errors += 1
+                    stats.error(f"{response.status_code}: {(await response.aread()).decode(errors='replace')}")
                     continue
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
-                        stats.errors += 1
+                        stats.error(f"error event: {json.dumps(chunk['error'])}")
                         break
                     if chunk.get("usage"):
                         usage = chunk["usage"]
@@ -81,11 +87,11 @@ async def client_loop(http: httpx.AsyncClient, index: int, adapters: list[str], 
                     else:
                         stats.itl_s.append(now - last)
                     last = now
-        except httpx.HTTPError:
-            stats.errors += 1
+        except httpx.HTTPError as exc:
+            stats.error(f"{type(exc).__name__}: {exc}")
             continue
-        if usage is None or usage["completion_tokens"] != new_tokens:
-            stats.errors += 1  # a stream that ended without its usage, or short
+        if usage is None or usage["completion_tokens"] != new_tokens:  # no usage, or short
+            stats.error(f"usage {json.dumps(usage)}, {new_tokens} new tokens asked")
             continue
         stats.tokens += usage["completion_tokens"]
         stats.completed.append((adapter, text))
