@@ -314,11 +314,16 @@ def start_server(model_dir: Path, adapter_dir: Path, upload_dir: Path, port: int
     raise RuntimeError("the server did not become healthy in 300 s")
 
 
-def rss_mb(pid: int) -> float:
+def memory_mb(pid: int) -> dict[str, float]:
+    """The process's resident memory and its parts (anonymous, file-backed, shared), MB."""
+    fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            fields[name] = int(value.split()[0]) / 1024
+    if "VmRSS" not in fields:
+        raise RuntimeError("no VmRSS")
+    return fields
 
 
 def lscpu() -> dict:
@@ -421,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(traffic(url, adapters, versions, warmup_s, warm))
             wait_for_prefault(url)
             time.sleep(1.0)
-            rss_start = rss_mb(server.pid)
+            memory_start = memory_mb(server.pid)
+            rss_start = memory_start["VmRSS"]
             arena_start, _ = arena_faulted(url)
             tally = Tally()
             started = time.monotonic()
@@ -429,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.monotonic() - started
             time.sleep(2.0)  # aborted streams and deletions settle
             left = leftovers(url)
-            rss_end = rss_mb(server.pid)
+            memory_end = memory_mb(server.pid)
+            rss_end = memory_end["VmRSS"]
             arena_end, _ = arena_faulted(url)
             alive = server.poll() is None
         finally:
@@ -462,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             "rss_start_mb": round(rss_start, 1),
             "rss_end_mb": round(rss_end, 1),
             "rss_growth_mb": round(rss_end - rss_start, 1),
+            "memory_start_mb": {k: round(v, 1) for k, v in memory_start.items()},
+            "memory_end_mb": {k: round(v, 1) for k, v in memory_end.items()},
             "cpu_arena_faulted_start_mb": round(arena_start / 2**20, 1),
             "cpu_arena_faulted_end_mb": round(arena_end / 2**20, 1),
             "health_polls": len(tally.health_ms),

@@ -19,6 +19,7 @@ import torch
 
 from loramux.kernels.openmp import set_thread_openmp_threads
 from loramux.scheduler.sampling_params import SamplingParams
+from loramux.server.native_memory import HeapTrimmer
 from loramux.server.engine_core import EngineCore
 from loramux.server.outputs import RequestOutput
 
@@ -54,6 +55,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._heap = HeapTrimmer()  # freed C heap back to the OS while idle
         # Called on the engine thread after each step, or after aborts that empty the engine
         # without one: (core, outputs, stepped).
         self.step_listeners: list[Callable[[EngineCore, list[RequestOutput], bool], None]] = []
@@ -141,12 +143,15 @@ class AsyncEngine:
                 stepped = self.core.has_unfinished_requests()
                 if stepped:
                     outputs += self.core.step()
+                    self._heap.stepped()
                 if stepped or outputs:  # aborts that empty the engine take no step
                     for listener in self.step_listeners:
                         listener(self.core, outputs, stepped)
                 if outputs:
                     self._deliver(outputs)
                 elif not self._stopping.is_set():
+                    if not self.core.has_unfinished_requests():
+                        self._heap.idle()
                     self._wakeup.wait(IDLE_WAIT_S if self.core.has_unfinished_requests() else 1.0)
                     self._wakeup.clear()
         except BaseException as exc:  # noqa: BLE001 - report, then fail every open stream

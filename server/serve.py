@@ -204,7 +204,9 @@ def serve(args: argparse.Namespace) -> int:
     from loramux.server.api.app import create_app
     from loramux.server.builder import build_engine
     from loramux.server.metrics import ServerMetrics
+    from loramux.server.native_memory import bound_onednn_cache
 
+    bound_onednn_cache()  # before the first GEMM (the dtype probe's)
     configure_logging(args.log_level)
     config = config_from_args(args)
     if config.model.num_threads:
