@@ -31,6 +31,7 @@ class AdapterInfo:
     source: str  # "directory" (an adapter dir), "upload" or "merge" (derived, adapter_store/merged.py)
     error: str | None
     error_type: str | None  # e.g. "AdapterInvalid"
+    use_dora: bool = False
 
 
 def adapter_info(entry: AdapterEntry, in_cpu: bool, pinned: bool, num_leases: int) -> AdapterInfo:
@@ -62,4 +63,5 @@ def adapter_info(entry: AdapterEntry, in_cpu: bool, pinned: bool, num_leases: in
         source="merge" if entry.build is not None else "upload" if entry.owned else "directory",
         error=entry.error,
         error_type=entry.error_type,
+        use_dora=bool(d and d.use_dora),
     )

@@ -51,6 +51,7 @@ class AdapterDescription:
     target_modules: tuple[str, ...]  # adapted leaf names (q_proj, ...), in the spec's order
     num_bytes: int  # lora_A + lora_B bytes in the serving dtype (+ DoRA magnitudes): what a tier holds
     disk_bytes: int  # adapter_config.json + adapter_model.safetensors
+    use_dora: bool = False  # DoRA: its magnitudes are fitted to the delta at full strength
 
 
 @dataclass(slots=True, eq=False)  # eq=False: an entry is one version, compared by identity
@@ -162,7 +163,7 @@ class Describer:
             if len(self._cache) < self._MAX_CACHED:
                 self._cache[key] = cached
         rank, target_modules, num_bytes = cached
-        return AdapterDescription(rank, target_modules, num_bytes, disk_bytes)
+        return AdapterDescription(rank, target_modules, num_bytes, disk_bytes, bool(config.use_dora))
 
     def describe_or_error(
         self, adapter_id: str, directory: Path

@@ -326,13 +326,23 @@ class GenerationService:
             pairs.append((token_id, float(value)))
         return tuple(pairs)
 
-    @staticmethod
-    def adapter_scale(scale: float | None, adapter_id: str | None, param: str = "adapter_scale") -> float:
-        """A request's adapter strength (1.0 when unset); it needs an adapter to scale."""
-        if scale is None:
+    def adapter_scale(self, scale: float | None, adapter_id: str | None, param: str = "adapter_scale") -> float:
+        """A request's adapter strength (1.0 when unset); it needs an adapter to scale, and
+        not a DoRA one: DoRA's magnitudes normalize the delta at full strength, so a scaled
+        DoRA delta is not what peft computes (its weight norm would change with the scale)."""
+        if scale is None or scale == 1.0:
             return 1.0
-        if adapter_id is None and scale != 1.0:
+        if adapter_id is None:
             raise InvalidRequest(f"{param} scales an adapter's delta: name an adapter to use it", param)
+        try:
+            use_dora = self.parts.store.info(adapter_id).use_dora
+        except AdapterError:
+            use_dora = False  # unknown: the adapter's own check answers 404 for it
+        if use_dora:
+            raise InvalidRequest(
+                f"{param}: adapter {adapter_id!r} is a DoRA adapter, whose magnitudes hold only at full "
+                "strength; leave adapter_scale unset (or 1)", param,
+            )
         return scale
 
     def sampling_params(self, **fields) -> SamplingParams:

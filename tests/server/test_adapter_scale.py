@@ -86,3 +86,37 @@ def test_a_cached_prefix_is_never_shared_across_strengths(tiny_chat_model, smol_
     run(core, [("alpha", 1.0)], ids)  # fills the prefix cache under the full-strength adapter
     assert run(core, [("alpha", 0.5)], ids) == fresh
     assert run(core, [("alpha", 0.0)], ids) == run(core, [(None, None)], ids)
+
+
+class _Store:
+    """store.info(...).use_dora for two adapters; unknown ids raise as the store does."""
+
+    def info(self, adapter_id):
+        from types import SimpleNamespace
+
+        from loramux.adapter_store.errors import AdapterNotFound
+
+        if adapter_id not in ("dora", "plain"):
+            raise AdapterNotFound(adapter_id, None, "no such adapter")
+        return SimpleNamespace(use_dora=adapter_id == "dora")
+
+
+def test_a_dora_adapter_cannot_be_scaled():
+    """DoRA's magnitudes normalize the delta at full strength: a scaled DoRA adapter is not
+    what peft computes, so adapter_scale != 1 on one is a 400 naming the field."""
+    from types import SimpleNamespace
+
+    from loramux.server.service import GenerationService, InvalidRequest
+
+    service = GenerationService.__new__(GenerationService)
+    service.parts = SimpleNamespace(store=_Store())
+    assert service.adapter_scale(0.5, "plain") == 0.5
+    assert service.adapter_scale(None, "dora") == 1.0
+    assert service.adapter_scale(1.0, "dora") == 1.0
+    for scale in (0.0, 0.5, 2.0):
+        with pytest.raises(InvalidRequest) as refused:
+            service.adapter_scale(scale, "dora")
+        assert refused.value.param == "adapter_scale" and "DoRA" in str(refused.value)
+    with pytest.raises(InvalidRequest):
+        service.adapter_scale(0.5, None)
+    assert service.adapter_scale(0.5, "unknown") == 0.5  # its own 404 comes from the adapter check
