@@ -22,6 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 typedef uint16_t bf16;
 
@@ -46,24 +49,73 @@ static inline float f32_id(float v) { return v; }
 
 #define LANES 16
 
-/* a . b in a fixed order: LANES partial sums (vectorized), summed in order, then the tail. */
+/* a . b in a fixed order: LANES partial sums (vectorized), folded pairwise (each fold is
+ * one vector add, not LANES dependent scalar adds), then the tail. */
 static inline float dot(const float *restrict a, const float *restrict b, int n)
 {
     float part[LANES] = {0};
     int d = 0;
     for (; d + LANES <= n; d += LANES)
         for (int l = 0; l < LANES; l++) part[l] += a[d + l] * b[d + l];
-    float s = 0.0f;
-    for (int l = 0; l < LANES; l++) s += part[l];
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) part[l] += part[l + width];
+    float s = part[0];
     for (; d < n; d++) s += a[d] * b[d];
     return s;
 }
+
+/* exp(x) for x <= 0 (a score minus its row's maximum), in plain arithmetic the compiler
+ * vectorizes (libm's expf is a scalar call per score): Cephes' expf, range reduction by
+ * n ln2 in two parts and a degree-6 polynomial, within 2 ulp of expf; x below -87 gives
+ * exp(-87) (1.6e-38, nothing beside the maximum's exp(0) = 1 in a softmax sum). Built
+ * without -ffast-math, so the compiler keeps these operations as written. */
+static inline float exp_nonpositive(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    /* n = round(x / ln2): adding and taking away 1.5 * 2^23 rounds to nearest (exact for
+     * |x / ln2| < 2^22), in two adds the compiler vectorizes, unlike floorf */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    const float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * z + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; /* 2^n, n in [-126, 0] */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+#ifdef __AVX512F__
+/* 16 elements widened to fp32 (bf16: the bits shifted up, exact). */
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const bf16 *p)
+{
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+/* The same sum as dot(): a lane-wise FMA chain over 16-wide chunks, folded by halves. */
+static inline float dot16(const float *restrict a, const __m512 *restrict b, int chunks)
+{
+    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(a), b[0]);
+    for (int c = 1; c < chunks; c++) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * c), b[c], s);
+    return _mm512_reduce_add_ps(s);
+}
+#define VECTOR_LOOPS 1
+#else
+#define VECTOR_LOOPS 0
+#endif
 
 #define MAX_GROUP 32  /* query heads per KV head (more: the caller falls back) */
 #define MAX_HEAD_DIM 256
 
 /* One definition per element type T: LOAD widens an element to fp32, STORE narrows. */
-#define DEFINE_PAGED_DECODE(NAME, T, LOAD, STORE)                                               \
+#define DEFINE_PAGED_DECODE(NAME, T, LOAD, STORE, LOAD16)                                               \
     int NAME(T *out, int64_t out_stride, const T *q, int64_t q_stride, const T *k_cache,        \
              const T *v_cache, const int64_t *rows, const int64_t *block_tables,                \
              int64_t max_blocks, const int64_t *context_lens, int num_decodes, int num_heads,   \
@@ -77,6 +129,8 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
         const int64_t token_stride = (int64_t)num_kv_heads * head_dim; /* one cache row */      \
         const int64_t block_stride = (int64_t)block_size * token_stride;                        \
         const int items = num_decodes * num_kv_heads;                                           \
+        const int vector = VECTOR_LOOPS && head_dim % 16 == 0;                                  \
+        const int chunks = head_dim / 16;                                                       \
         int failed = 0;                                                                         \
         _Pragma("omp parallel num_threads(num_threads) reduction(|: failed)")                   \
         {                                                                                       \
@@ -108,9 +162,10 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
                     const T *k = k_cache + table[j / block_size] * block_stride +               \
                                  (j % block_size) * token_stride + (int64_t)g * head_dim;       \
                     float kf[MAX_HEAD_DIM];                                                     \
-                    for (int d = 0; d < head_dim; d++) kf[d] = LOAD(k[d]);                      \
+                    VECTOR_K_ROW(LOAD16)                                                        \
+                    if (!vector) for (int d = 0; d < head_dim; d++) kf[d] = LOAD(k[d]);         \
                     for (int i = 0; i < group; i++) {                                           \
-                        float s = dot(qf[i], kf, head_dim) * scale;                             \
+                        float s = (vector ? VECTOR_DOT(i) : dot(qf[i], kf, head_dim)) * scale;  \
                         if (softcap > 0.0f) s = softcap * tanhf(s / softcap);                   \
                         scores[i * len + (j - lo)] = s;                                         \
                         if (s > maxes[i]) maxes[i] = s;                                         \
@@ -120,10 +175,9 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
                 for (int i = 0; i < group; i++) {                                               \
                     float total = 0.0f;                                                         \
                     float *row = scores + i * len;                                              \
-                    for (int64_t j = 0; j < len; j++) {                                         \
-                        row[j] = expf(row[j] - maxes[i]);                                       \
-                        total += row[j];                                                        \
-                    }                                                                           \
+                    const float max_i = maxes[i];                                               \
+                    for (int64_t j = 0; j < len; j++) row[j] = exp_nonpositive(row[j] - max_i); \
+                    for (int64_t j = 0; j < len; j++) total += row[j];                          \
                     sums[i] = total;                                                            \
                     memset(acc[i], 0, (size_t)head_dim * sizeof(float));                        \
                 }                                                                               \
@@ -131,6 +185,10 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
                 for (int64_t j = lo; j < n; j++) {                                              \
                     const T *v = v_cache + table[j / block_size] * block_stride +               \
                                  (j % block_size) * token_stride + (int64_t)g * head_dim;       \
+                    if (vector) {                                                               \
+                        VECTOR_V_ROW(LOAD16)                                                    \
+                        continue;                                                               \
+                    }                                                                           \
                     float vf[MAX_HEAD_DIM];                                                     \
                     for (int d = 0; d < head_dim; d++) vf[d] = LOAD(v[d]);                      \
                     for (int i = 0; i < group; i++) {                                           \
@@ -149,5 +207,27 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
         return failed ? -2 : 0;                                                                 \
     }
 
-DEFINE_PAGED_DECODE(paged_decode_f32, float, f32_id, f32_id)
-DEFINE_PAGED_DECODE(paged_decode_bf16, bf16, bf16_to_f32, f32_to_bf16)
+/* The AVX-512 forms of the row loops (head_dim a multiple of 16): a K row widened once into
+ * registers and dotted with each query head; a V row widened once and added, weighted,
+ * into each head's accumulator. Same sums, same order as the portable loops. */
+#if VECTOR_LOOPS
+#define VECTOR_K_ROW(LOAD16)                                                                    \
+    __m512 kv[MAX_HEAD_DIM / 16];                                                               \
+    if (vector) for (int c = 0; c < chunks; c++) kv[c] = LOAD16(k + 16 * c);
+#define VECTOR_DOT(i) dot16(qf[i], kv, chunks)
+#define VECTOR_V_ROW(LOAD16)                                                                    \
+    __m512 vv[MAX_HEAD_DIM / 16];                                                               \
+    for (int c = 0; c < chunks; c++) vv[c] = LOAD16(v + 16 * c);                                \
+    for (int i = 0; i < group; i++) {                                                           \
+        const __m512 p = _mm512_set1_ps(scores[i * len + (j - lo)]);                           \
+        for (int c = 0; c < chunks; c++)                                                        \
+            _mm512_storeu_ps(acc[i] + 16 * c, _mm512_fmadd_ps(p, vv[c], _mm512_loadu_ps(acc[i] + 16 * c))); \
+    }
+#else
+#define VECTOR_K_ROW(LOAD16)
+#define VECTOR_DOT(i) 0.0f
+#define VECTOR_V_ROW(LOAD16)
+#endif
+
+DEFINE_PAGED_DECODE(paged_decode_f32, float, f32_id, f32_id, load16_f32)
+DEFINE_PAGED_DECODE(paged_decode_bf16, bf16, bf16_to_f32, f32_to_bf16, load16_bf16)
