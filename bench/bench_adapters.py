@@ -176,6 +176,7 @@ def measure_loads(model_dir: Path, source: Path, root: Path, settings: Settings)
     store = AdapterStore(
         config, model.spec.base_model_spec(), model.lora_buffers(), torch.float32, "cpu", on_load=waiter
     )
+    gc.freeze()  # as `loramux serve` does once started: no full collection walks the model's objects
     with store:
         wait_for_prefault(store)
         cold = [waiter.load(store, name) for name in names]
