@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-
 from loramux.scheduler.prefix_cache_stats import PrefixCacheStats
 from loramux.server.metrics import ServerMetrics
-
-
-def samples(metrics: ServerMetrics) -> dict[tuple, float]:
-    text = generate_latest(metrics.registry).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from tests.server.metric_samples import samples
 
 
 def test_queries_and_hits_per_adapter_in_tokens_and_blocks():
