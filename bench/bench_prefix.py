@@ -204,17 +204,6 @@ def measure(model_dir: Path, adapter_dir: Path, adapters: list[str], systems: li
     return result
 
 
-def lscpu_flags() -> list[str]:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    for line in out.splitlines():
-        if line.startswith("Flags:"):
-            return line.split(":", 1)[1].split()
-    return []
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=default_model_dir())
@@ -241,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {"adapters": NUM_ADAPTERS, "clients": args.clients, "turns": NUM_TURNS,
                      "system_tokens": SYSTEM_TOKENS, "new_tokens": NEW_TOKENS, "server_args": SERVER_ARGS,
                      "server_threads": args.threads},
-        "lscpu_flags": lscpu_flags(),
     }
     path = write_result("bench_prefix", result)
     met = (result["ttft_speedup"] >= 3.0 and result["tok_s_ratio"] >= 1.0 and on["hit_rate"] >= 0.7

@@ -249,17 +249,6 @@ def measure(routing: str, root: Path, adapter_dir: Path, sequence: list[str], ar
     return result
 
 
-def lscpu_flags() -> list[str]:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    for line in out.splitlines():
-        if line.startswith("Flags:"):
-            return line.split(":", 1)[1].split()
-    return []
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapters", type=int, default=200)
@@ -291,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                      "seed": args.seed, "replica_server_args": list(REPLICA_SERVER_ARGS)},
         "affine": a, "round_robin": rr, "ratio": round(ratio, 3),
         "target": "cold_loads_affine <= cold_loads_rr / 1.5", "target_met": target_met,
-        "lscpu_flags": lscpu_flags(), "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(),
     })
     print(f"  result: {path}  target (C <= D/1.5) {'met' if target_met else 'NOT met'}")
     print(f"bench-replicas: affine_tok_s={a['tok_s']:.1f} round_robin_tok_s={rr['tok_s']:.1f} ratio={ratio:.2f} "

@@ -13,7 +13,7 @@ valid requests; a 404 on the adapter being deleted is not an error. Targets: err
 leaked_kv_blocks = 0, leaked_leases = 0, rss_growth_mb <= 200, health_p99_ms <= 500.
 
 Last line: soak: requests=N errors=E leaked_kv_blocks=K leaked_leases=L rss_growth_mb=M health_p99_ms=H
-Result: bench/results/bench_soak.json (with the CPU's lscpu flags).
+Result: bench/results/bench_soak.json (with the CPU's flags, as every result: bench/common.py).
 """
 
 from __future__ import annotations
@@ -326,19 +326,6 @@ def memory_mb(pid: int) -> dict[str, float]:
     return fields
 
 
-def lscpu() -> dict:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return {
-        "model_name": fields.get("Model name", "").strip(),
-        "cpus": fields.get("CPU(s)", "").strip(),
-        "flags": fields.get("Flags", "").split(),
-    }
-
-
 def metric_sum(metrics_text: str, name: str, label: str = "") -> float:
     return sum(float(line.split()[-1]) for line in metrics_text.splitlines()
                if line.startswith(name) and label in line and not line.startswith("#"))
@@ -480,7 +467,6 @@ def main(argv: list[str] | None = None) -> int:
             "health_max_ms": round(max(tally.health_ms, default=0.0), 1),
             "server_alive_at_end": alive,
             "server_args": SERVER_ARGS,
-            "lscpu": lscpu(),
             "targets": {"errors": 0, "leaked_kv_blocks": 0, "leaked_leases": 0, "rss_growth_mb": 200,
                         "health_p99_ms": 500},
         }

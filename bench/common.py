@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from loramux.server.dtype_choice import cpu_flags
 from loramux.server.model_fetch import default_model_dir
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -49,8 +50,11 @@ def timed(fn) -> tuple[float, object]:
 
 
 def machine() -> dict:
+    """What every result records beside its figures: the CPU (its feature flags decide bf16
+    vs fp32 speed), torch and the threads."""
     return {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_flags": sorted(cpu_flags()),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
