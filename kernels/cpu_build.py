@@ -53,6 +53,8 @@ def load_kernel_library(
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
+    for header in sorted(SOURCE_DIR.glob("*.h")):  # what the sources include (bf16.h)
+        digest.update(header.read_bytes())
     flags = [*CFLAGS, *extra_cflags]
     digest.update(" ".join(flags).encode())
     digest.update(_cpu_signature().encode())
@@ -67,7 +69,7 @@ def load_kernel_library(
         os.close(fd)
         try:
             result = subprocess.run(
-                [compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True
+                [compiler, *flags, f"-I{SOURCE_DIR}", str(source), "-o", tmp], capture_output=True, text=True
             )
             if result.returncode != 0:
                 raise KernelBuildError(f"{compiler} failed on {source.name}:\n{result.stderr}")

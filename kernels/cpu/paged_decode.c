@@ -22,28 +22,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include "bf16.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
-typedef uint16_t bf16;
-
-static inline float bf16_to_f32(bf16 v)
-{
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline bf16 f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
-    return (bf16)(u >> 16);
-}
 
 static inline float f32_id(float v) { return v; }
 

@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include "bf16.h"
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define HAVE_DPBF16 1
@@ -36,7 +37,6 @@
 #define LANES 16
 #define MAX_SLICES 8
 
-typedef uint16_t bf16;
 
 typedef struct {
     const bf16 *a;        /* [max_slots, max_rank, in_f] */
@@ -44,23 +44,6 @@ typedef struct {
     const int32_t *ranks; /* [max_slots] */
     int out_offset, out;
 } Slice;
-
-static inline float bf16_to_f32(bf16 v)
-{
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline bf16 f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
-    return (bf16)(u >> 16);
-}
 
 /* 1 if this build uses AVX512-BF16 instructions (for the backend's log line and tests). */
 int lora_sgmv_bf16_uses_dpbf16(void) { return HAVE_DPBF16; }
