@@ -9,44 +9,22 @@ baseline the tests and `make bench-replicas` compare against.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from loramux.ray_serve.replica import ReplicaOptions, make_replica_class
+from loramux.ray_serve.options import ROUTINGS, AppOptions, ReplicaOptions  # noqa: F401 (re-exported)
+from loramux.ray_serve.replica import make_replica_class
 from loramux.ray_serve.routing import adapter_for_request, wants_stream
 
-ROUTINGS = ("affine", "round_robin")
 # Adapter management: done on one replica, published through the shared directory.
 ADMIN_PREFIXES = ("/v1/adapters",)
 # Every route that changes a server's adapters (vLLM's load/unload act on one replica).
 MANAGEMENT_PREFIXES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
-@dataclass(frozen=True)
-class AppOptions:
-    replica: ReplicaOptions
-    num_replicas: int = 2
-    routing: str = "affine"  # affine | round_robin
-    max_adapters_per_replica: int = 256  # Serve's routing table per replica (LRU)
-    max_ongoing_requests: int = 64  # per replica; past it Serve tries another replica
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
-    max_body_bytes: int = 256 << 20  # the ingress refuses bigger bodies with 413
-    base_model: str | None = None  # the served model name (requests naming it are not routed by adapter)
-    # Adapter management through the front door: the replicas' own rule (an admin key, or a
-    # loopback-only server) applied to the ingress's address, which is what clients reach.
-    management_open: bool = False
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}")
-        if self.num_replicas < 1:
-            raise ValueError("num_replicas must be >= 1")
 
 
 # No docs routes of its own: /docs and /openapi.json are the replicas'.

@@ -17,8 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from loramux.ray_serve.app import ROUTINGS, AppOptions, build_app
-from loramux.ray_serve.replica import ReplicaOptions
+from loramux.ray_serve.options import ROUTINGS, AppOptions, ReplicaOptions
 
 APP_NAME = "loramux"
 KEY_VARIABLES = ("LORAMUX_API_KEY", "LORAMUX_ADMIN_API_KEY", "LORAMUX_HOME")
@@ -111,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         init["num_cpus"] = args.num_cpus
     ray.init(**init, logging_level="WARNING")
     serve.start(http_options={"host": args.host, "port": args.port})
+    from loramux.ray_serve.app import build_app  # imports Ray
+
     serve.run(build_app(options), name=APP_NAME, route_prefix="/")
     print(f"loramux-ray: serving on http://{args.host}:{args.port} with {args.replicas} replicas "
           f"({args.routing} routing); shared adapters in {options.replica.state_dir}", flush=True)

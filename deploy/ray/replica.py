@@ -21,13 +21,13 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from ray import serve
 
 from loramux.ray_serve.adapter_dir import SYNC_INTERVAL_S, SharedAdapterDir
+from loramux.ray_serve.options import ReplicaOptions
 
 log = logging.getLogger("loramux.ray_serve")
 
@@ -40,12 +40,6 @@ REPLICA_HEADER = "x-loramux-replica"
 STARTUP_TIMEOUT_S = 900.0  # a cold start on a busy CPU: the model load and the C kernel build
 
 
-@dataclass(frozen=True)
-class ReplicaOptions:
-    state_dir: str  # the shared adapter directory's root (adapter_dir.py)
-    server_args: tuple[str, ...] = ()  # `loramux serve` flags: --model, --threads, --max-loras, ...
-    adapter_dirs: tuple[str, ...] = ()  # read-only adapter folders every replica also serves
-    env: dict[str, str] = field(default_factory=dict)  # extra environment for the server
 
 
 def _die_with_parent() -> None:

@@ -95,7 +95,6 @@ def test_replica_records(tmp_path):
 ])
 def test_front_door_management_follows_the_servers_rule(monkeypatch, host, admin_key, open_):
     """Management through the ingress: only with an admin key, or on a loopback front door."""
-    pytest.importorskip("ray", reason="Ray Serve is the optional extra loramux[ray]")
     from loramux.ray_serve import cli
 
     monkeypatch.delenv("LORAMUX_ADMIN_API_KEY", raising=False)
