@@ -376,14 +376,21 @@ class GenerationService:
             return params
         return replace(params, seed=random.randrange(2**63))
 
-    def _was_deleted(self, adapter_id: str | None) -> bool:
+    def _adapter_version(self, adapter_id: str | None) -> int | None:
+        """The adapter's current version (None: base, or no such adapter now)."""
+        if adapter_id is None:
+            return None
+        try:
+            return self.parts.store.info(adapter_id).version
+        except AdapterError:
+            return None
+
+    def _gone_since(self, adapter_id: str | None, version: int | None) -> bool:
+        """Deleted since `version` was current, even if an upload has put the id back since
+        (then the version differs): the request came to run while its adapter was gone."""
         if adapter_id is None:
             return False
-        try:
-            self.parts.store.info(adapter_id)
-        except AdapterError:
-            return True
-        return False
+        return version is None or self._adapter_version(adapter_id) != version
 
     # ------------------------------------------------------------------ admission
 
@@ -427,6 +434,7 @@ class GenerationService:
         if admission is None:
             admission = self.admit(1, generation.endpoint, generation.adapter_id)
         timer = self.metrics.start_request(generation.endpoint, generation.adapter_id)
+        admitted_version = self._adapter_version(generation.adapter_id)
         outcome, generated = "abort", 0
         try:
             stream = self.engine.generate(
@@ -440,7 +448,7 @@ class GenerationService:
                 generated = output.num_output_tokens
                 if output.finished and output.finish_reason is FinishReason.ERROR:
                     outcome = "error"
-                    if output.num_output_tokens == 0 and self._was_deleted(generation.adapter_id):
+                    if output.num_output_tokens == 0 and self._gone_since(generation.adapter_id, admitted_version):
                         # deleted between admission and its first step: the client named an
                         # adapter that is gone, which is a 404, not a server failure
                         raise UnknownAdapter(f"adapter {generation.adapter_id!r} was deleted", "adapter_id")

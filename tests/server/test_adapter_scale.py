@@ -120,3 +120,36 @@ def test_a_dora_adapter_cannot_be_scaled():
     with pytest.raises(InvalidRequest):
         service.adapter_scale(0.5, None)
     assert service.adapter_scale(0.5, "unknown") == 0.5  # its own 404 comes from the adapter check
+
+
+def test_a_request_whose_adapter_went_away_while_it_queued_is_a_404_even_if_uploaded_again():
+    """Deleted while queued, then uploaded again before the failure is looked at: the request
+    found its adapter gone (version 1 left, version 2 came later), which is the client's 404,
+    not a server error."""
+    import asyncio
+    import itertools
+    from types import SimpleNamespace
+
+    from loramux.scheduler.request import FinishReason
+    from loramux.server.service import Generation, GenerationService, UnknownAdapter
+
+    versions = iter([1, 2])  # at admission; when the failure is looked at
+    timer = SimpleNamespace(tokens=lambda n: None, finish=lambda *a: None)
+
+    async def generate(request_id, prompt, params, adapter_id):
+        yield SimpleNamespace(new_token_ids=[], num_output_tokens=0, finished=True,
+                              finish_reason=FinishReason.ERROR, error="unknown adapter 'a'")
+
+    service = GenerationService.__new__(GenerationService)
+    service.parts = SimpleNamespace(store=SimpleNamespace(info=lambda a: SimpleNamespace(version=next(versions))))
+    service.metrics = SimpleNamespace(start_request=lambda *a: timer)
+    service.engine = SimpleNamespace(generate=generate)
+    service._engine_ids = itertools.count()
+    admission = SimpleNamespace(release_one=lambda: None)
+
+    async def run():
+        async for _ in service.stream(Generation([1, 2], None, "a", "chat"), "r", admission):
+            pass
+
+    with pytest.raises(UnknownAdapter):
+        asyncio.run(run())
