@@ -18,7 +18,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY server server
 COPY scheduler scheduler
 COPY adapter_store adapter_store
-COPY kernels kernels
+COPY loramux_kernels loramux_kernels
 COPY clients clients
 COPY deploy/ray deploy/ray
 COPY examples/adapters examples/adapters

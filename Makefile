@@ -10,7 +10,7 @@ PYTEST := $(BIN)/python -m pytest
 
 .PHONY: install install-ray prometheus model serve test test-slow test-dashboard test-kernels golden bench-engine bench-continuous bench-adapters bench-serve bench-soak bench-prefix bench-lora-bf16 eval bench-replicas bench-structured bench-peers gpu-check clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull a CUDA build of several GB.
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)

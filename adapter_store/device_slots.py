@@ -1,6 +1,6 @@
 """Write a loaded adapter into one slot of the model's stacked LoRA buffers.
 
-The buffers (kernels/buffers.py) hold every adapted projection of every layer; a slot is
+The buffers (loramux_kernels/buffers.py) hold every adapted projection of every layer; a slot is
 one adapter's place in all of them at once. Projections the adapter does not adapt are
 cleared in that slot, so a slot never keeps a previous occupant's weights. A DoRA
 adapter's per-row factors are computed here, once per write (LoraModuleBuffers.write).

@@ -13,7 +13,7 @@ Semantics: y += scaling * (x @ lora_A.T) @ lora_B.T
            scaling = alpha / r, or alpha / sqrt(r) with rsLoRA
            (an embedding's x is the one-hot row of each token id)
 DoRA (use_dora): y = m / ||W + scaling * lora_B @ lora_A||_row * (x @ W.T + LoRA delta) + bias,
-           with W the base weight [out, in]; the norm is per output row (see kernels/dora.py).
+           with W the base weight [out, in]; the norm is per output row (see loramux_kernels/dora.py).
 
 Module names are PEFT's names inside the base model, e.g. `model.layers.3.self_attn.q_proj`:
 PEFT matches target_modules, rank_pattern and alpha_pattern before it wraps the model in
@@ -165,7 +165,7 @@ class BaseModelSpec:
     # outer module -> the outer module whose base weight it shares (tied embeddings: lm_head
     # -> embed_tokens). PEFT's ensure_weight_tying then adapts it whenever the other is.
     tied_modules: Mapping[str, str] = field(default_factory=dict)
-    # The serving model computes DoRA's weight norms from its base weights (kernels/dora.py)
+    # The serving model computes DoRA's weight norms from its base weights (loramux_kernels/dora.py)
     supports_dora: bool = False
     # safetensors key -> (layer, module, factor) of keys parsed before: every adapter of a
     # base model repeats the same few hundred keys, and parsing them is a tenth of a load.
@@ -888,7 +888,7 @@ def _read_weights(
             pair = keys[(layer, target.packed or module)]
             stored_a = stored.get(pair["A"])  # [rank, in_features]
             stored_b = stored.get(pair["B"])  # [out_features, rank] (of the packed module)
-            # DoRA's m stays fp32 whatever the serving dtype: the norms are fp32 (kernels/dora.py)
+            # DoRA's m stays fp32 whatever the serving dtype: the norms are fp32 (loramux_kernels/dora.py)
             stored_m = stored.get(pair["M"]) if use_dora else None  # [out_features]
             if target.packed is not None:
                 rows = spec.part_rows(target.packed, module)

@@ -98,7 +98,7 @@ class LoaderThread:
             self._thread.join()
 
     def _run(self) -> None:
-        # One OpenMP thread: a second worker pool would throttle the engine's (kernels/openmp.py).
+        # One OpenMP thread: a second worker pool would throttle the engine's (loramux_kernels/openmp.py).
         set_thread_openmp_threads(1)
         while True:
             with self._cond:

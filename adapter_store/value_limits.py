@@ -2,7 +2,7 @@
 
 A finite value can still be absurd: lora_alpha 1e38 makes every output of the adapter
 inf or NaN, and the store folds each module's scaling into lora_B when it writes a device
-slot (kernels/buffers.py: `B_slot = lora_B.T * scaling` in the serving dtype), so a
+slot (loramux_kernels/buffers.py: `B_slot = lora_B.T * scaling` in the serving dtype), so a
 scaling or a scaled lora_B beyond the dtype's range would put inf into the slot. Each is
 refused at validation with AdapterInvalid naming the key or tensor.
 """

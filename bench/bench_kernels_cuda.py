@@ -160,7 +160,7 @@ def host_us_per_call(fn, calls: int = 50) -> float:
 
 
 def torch_halves(info: LoraBatchInfo, slices):
-    """The torch backend's two halves (kernels/torch_backend.py), timed on their own."""
+    """The torch backend's two halves (loramux_kernels/torch_backend.py), timed on their own."""
     indptr = info.seg_indptr_host
     segs = [
         (indptr[i], indptr[i + 1], slot)

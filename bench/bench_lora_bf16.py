@@ -7,10 +7,10 @@ o 576 -> 576, gate_up 576 -> 1536+1536, down 1536 -> 576), 8 adapters of ranks 8
 (unpadded: 8, 16, 32, 8, 16, 32, 8, 16 in 8 slots of max rank 32), each request one token,
 tokens sorted by adapter (segments of num_tokens / 8). Candidates:
 
-  c_bf16_native     kernels/cpu/sgmv_bf16.c built for this CPU (AVX512-BF16 where present)
+  c_bf16_native     loramux_kernels/cpu/sgmv_bf16.c built for this CPU (AVX512-BF16 where present)
   c_bf16_portable   the same file built with -mno-avx512bf16 (what a CPU without it gets)
   torch_bf16        torch matmuls per segment in bf16 (oneDNN; AMX tiles where present)
-  c_fp32            kernels/cpu/sgmv.c on fp32 activations and buffers (today's fp32 path)
+  c_fp32            loramux_kernels/cpu/sgmv.c on fp32 activations and buffers (today's fp32 path)
   torch_fp32        torch matmuls per segment in fp32
 
 A second table times one long segment (prefill) per length, C bf16 kernel against torch

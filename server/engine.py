@@ -135,7 +135,7 @@ class AsyncEngine:
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
-        # The one thread that runs wide OpenMP regions (see kernels/openmp.py).
+        # The one thread that runs wide OpenMP regions (see loramux_kernels/openmp.py).
         set_thread_openmp_threads(self._num_threads or torch.get_num_threads())
         try:
             while not self._stopping.is_set():

@@ -213,7 +213,7 @@ def serve(args: argparse.Namespace) -> int:
     if config.model.num_threads:
         torch.set_num_threads(config.model.num_threads)  # the count the engine thread takes up
     # The engine runs in its own thread; this one (model loading, then HTTP) must not keep
-    # an OpenMP worker pool of its own (kernels/openmp.py).
+    # an OpenMP worker pool of its own (loramux_kernels/openmp.py).
     set_thread_openmp_threads(1)
     metrics = ServerMetrics(config.lora.max_loras)
     try:

@@ -281,7 +281,7 @@ def _archive_format(name: str) -> str | None:
 async def _run_blocking(function, *args):
     """Run blocking store work (file IO, validation) on a worker thread, off the event loop.
     The worker keeps to one OpenMP/MKL thread: a second wide pool in the process would slow
-    every engine step (kernels/openmp.py)."""
+    every engine step (loramux_kernels/openmp.py)."""
 
     def call():
         set_thread_openmp_threads(1)

@@ -36,7 +36,7 @@ def lora_linear(
     info: LoraBatchInfo,
 ) -> torch.Tensor:  # [T, out_features]
     """y = x @ W.T + b, plus each token's adapter delta into its column slices (rescaled
-    per token for DoRA adapters: kernels/dora.py)."""
+    per token for DoRA adapters: loramux_kernels/dora.py)."""
     y = F.linear(x, weight, bias)
     if lora is not None:
         backend.add_lora(y, x, lora, info)

@@ -45,7 +45,7 @@ def make_case(layout, num_tokens, in_features, widths, max_rank, seed=0):
 @pytest.fixture(scope="module", params=["torch", "cpu"])
 def backend(request, tmp_path_factory):
     chosen = select_backend(torch.device("cpu"), torch.float32, tmp_path_factory.mktemp("kcache"), request.param)
-    assert chosen.name == request.param, "the C kernel did not build; see kernels/cpu_build.py"
+    assert chosen.name == request.param, "the C kernel did not build; see loramux_kernels/cpu_build.py"
     return chosen
 
 

@@ -1,4 +1,4 @@
-"""The bf16 CPU LoRA path (kernels/cpu/sgmv_bf16.c and its torch fallback for long
+"""The bf16 CPU LoRA path (loramux_kernels/cpu/sgmv_bf16.c and its torch fallback for long
 segments) against the fp32 reference, with a per-dtype tolerance table.
 
 Both builds of the C kernel run here: the native one (AVX512-BF16 where the CPU has it)
@@ -94,7 +94,7 @@ def bf16_kernel(request, kernel_cache) -> CpuLoraBackend:
 def backend(request, kernel_cache):
     dtype, name = request.param
     chosen = select_backend(torch.device("cpu"), dtype, kernel_cache, name)
-    assert chosen.name == name, "the C kernel did not build; see kernels/cpu_build.py"
+    assert chosen.name == name, "the C kernel did not build; see loramux_kernels/cpu_build.py"
     return dtype, chosen
 
 

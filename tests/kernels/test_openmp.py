@@ -1,4 +1,4 @@
-"""kernels/openmp.py: a thread set to one thread opens no worker pool, for torch's own
+"""loramux_kernels/openmp.py: a thread set to one thread opens no worker pool, for torch's own
 kernels and for its MKL matmuls; set wider, it does. Runs in a fresh interpreter, since
 pools, once made, live as long as the process."""
 

@@ -1,4 +1,4 @@
-"""Decode attention reading the paged KV cache in place (kernels/cpu/paged_decode.c) against
+"""Decode attention reading the paged KV cache in place (loramux_kernels/cpu/paged_decode.c) against
 the dense reference: GQA group sizes, head sizes, block sizes, windows, soft-capping, fp32
 (exact-ish) and bf16 (measured tolerance), batch invariance, and the CPU backend against
 the torch backend over mixed prefill + decode steps."""

@@ -115,10 +115,10 @@ def test_only_kernel_files_import_triton():
     """CPU serving must not need Triton: only the Triton backend's own files import it."""
     pattern = re.compile(r"^\s*(import triton\b|from triton\b)", re.MULTILINE)
     offenders = []
-    for room in ("server", "scheduler", "adapter_store", "kernels", "clients"):
+    for room in ("server", "scheduler", "adapter_store", "loramux_kernels", "clients"):
         for path in sorted((REPO / room).rglob("*.py")):
             rel = path.relative_to(REPO).as_posix()
-            if rel.startswith("kernels/triton/") or rel == "kernels/triton_backend.py":
+            if rel.startswith("loramux_kernels/triton/") or rel == "loramux_kernels/triton_backend.py":
                 continue
             if pattern.search(path.read_text()):
                 offenders.append(rel)

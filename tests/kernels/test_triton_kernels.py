@@ -1,4 +1,4 @@
-"""The Triton SGMV / BGMV kernels against kernels/reference.py (interpreter on CPU, or a GPU).
+"""The Triton SGMV / BGMV kernels against loramux_kernels/reference.py (interpreter on CPU, or a GPU).
 
 Every case poisons what the kernels must not read: weight rows past each slot's rank are
 NaN (so mixed ranks are proven to be masked, not padded with zeros) and so are the x rows

@@ -1,6 +1,6 @@
 """The step profiler (bench-engine --profile): every phase of a step is timed, the phases add
 up to the step, the engine's output is unchanged, and detaching restores the engine; and the
-step's metadata reaches the device in one copy (kernels/staging.py)."""
+step's metadata reaches the device in one copy (loramux_kernels/staging.py)."""
 
 from __future__ import annotations
 

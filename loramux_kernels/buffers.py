@@ -9,7 +9,7 @@ a step's `LoraBatchInfo`. Layout (row-major, contiguous):
     ranks   int32 [max_slots]                     this module's rank per slot; 0 = not adapted
     dora_scale  fp32 [max_slots + 1, out_features]  DoRA's m / ||W + s B A||_row per slot;
                                                      1 for plain LoRA, and in the last row, which
-                                                     base tokens (slot -1) index (kernels/dora.py)
+                                                     base tokens (slot -1) index (loramux_kernels/dora.py)
 
 Rows past a slot's rank are zero, so reading up to any rank >= the true one is harmless;
 the kernels read only `ranks[slot]` rows (mixed ranks cost their own size, not the max).
@@ -89,7 +89,7 @@ class LoraModuleBuffers:
         # Host mirror of `ranks`, read by CPU loops without touching device memory.
         self.ranks_host = [0] * max_slots
         # Host mirror of which slots hold a DoRA factor (!= 1), and their count: a step
-        # whose slots hold none skips the rescale (kernels/dora.py).
+        # whose slots hold none skips the rescale (loramux_kernels/dora.py).
         self.dora_host = [False] * max_slots
         self.num_dora_slots = 0
         # The model's frozen weight of this projection [out_features, in_features] (a view),

@@ -15,7 +15,7 @@
  *   fp32 loops; rounding is round-to-nearest-even in integer code.
  * AMX tiles are not used here: a decode segment has a few rows, far below a tile's 16, and
  * the step is bound by reading the slot buffers; long segments (prefill) go to torch, whose
- * oneDNN matmuls use AMX where present (kernels/cpu_backend.py).
+ * oneDNN matmuls use AMX where present (loramux_kernels/cpu_backend.py).
  *
  * Parallelism and determinism as in sgmv.c: threads split the (slice, segment, rank row)
  * items of the shrink evenly, meet at one barrier, then each owns a range of output

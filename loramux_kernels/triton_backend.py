@@ -101,7 +101,7 @@ class TritonLoraBackend:
     ) -> None:
         """Semantics: for each segment i (slot w != -1) and output slice k at offset off_k:
         y[s[i]:s[i+1], off_k:off_k+n_k] += seg_scales[i] * (x[s[i]:s[i+1]] @ A_k[w,:r].T) @ B_k[w,:r]
-        with r = ranks_k[w] (see kernels/reference.py)."""
+        with r = ranks_k[w] (see loramux_kernels/reference.py)."""
         plan = self.step_plan(info)
         if not plan.active:
             return

@@ -4,7 +4,7 @@ Semantics: y[t, off_k : off_k + n_k] += scale[t] * h[t, k*R : k*R + r] @ B_k[w[t
     for each token t with slot w[t] = token_slots[t] != -1 and each slice k, r = ranks_k[w[t]]
     (h = the sum of bgmv_shrink's split-K partials; scale = 1 when token_scales is None).
 
-Reads (see kernels/triton/common.py for the table):
+Reads (see loramux_kernels/triton/common.py for the table):
     h             fp32 [num_splits, num_tokens, num_slices * R]   from the shrink, contiguous
     token_slots   int32 [num_tokens]; token_scales float32 [num_tokens] or None
     B_k           lora_b [max_slots, max_rank_k, out_k]           contiguous, one per slice

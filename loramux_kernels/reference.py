@@ -66,7 +66,7 @@ def apply_dora_per_token(
     slices: Sequence[LoraModuleBuffers],
     token_slots: Sequence[int],
 ) -> None:
-    """kernels/dora.py's semantics one token at a time: a DoRA slot's rows are rescaled by
+    """loramux_kernels/dora.py's semantics one token at a time: a DoRA slot's rows are rescaled by
     its factor around the bias; plain LoRA slots and base tokens are left as they are."""
     for t, slot in enumerate(token_slots):
         offset = 0

@@ -43,7 +43,7 @@ def _cpu_signature() -> str:
 def load_kernel_library(
     source_name: str, cache_dir: Path | None = None, extra_cflags: tuple[str, ...] = ()
 ) -> ctypes.CDLL:
-    """Build (if needed) and load kernels/cpu/<source_name>.c as a shared library.
+    """Build (if needed) and load loramux_kernels/cpu/<source_name>.c as a shared library.
 
     `extra_cflags` (e.g. "-mno-avx512bf16") builds another variant beside the native one:
     tests and benchmarks use it to run the fallback paths of machines without a feature."""

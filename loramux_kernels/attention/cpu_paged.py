@@ -1,4 +1,4 @@
-"""Paged attention on the CPU: decodes read the KV cache in place (kernels/cpu/paged_decode.c).
+"""Paged attention on the CPU: decodes read the KV cache in place (loramux_kernels/cpu/paged_decode.c).
 
 The torch backend gathers every decode's whole context out of the cache into a padded
 [B, KVH, max_ctx, D] copy each layer, and builds per-position gather indices on the host
@@ -22,7 +22,7 @@ from loramux.kernels.cpu_build import load_kernel_library
 
 SOURCE = "paged_decode"
 ENTRY_POINTS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
-MAX_GROUP, MAX_HEAD_DIM = 32, 256  # as kernels/cpu/paged_decode.c
+MAX_GROUP, MAX_HEAD_DIM = 32, 256  # as loramux_kernels/cpu/paged_decode.c
 
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 

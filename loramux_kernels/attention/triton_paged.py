@@ -1,4 +1,4 @@
-"""Paged attention on CUDA: decodes read the KV cache in place (kernels/triton/paged_decode.py).
+"""Paged attention on CUDA: decodes read the KV cache in place (loramux_kernels/triton/paged_decode.py).
 
 The step's metadata carries the decodes' block tables and context lengths (one host-to-
 device copy, no per-position gather indices); prefill chunks run through SDPA

@@ -4,7 +4,7 @@ Semantics: h[s[i]:s[i+1], k*R : k*R + r] = x[s[i]:s[i+1]] @ A_k[w[i], :r].T
     for each segment i with slot w = w[i] != -1 and each slice k, r = ranks_k[w], R = max
     rank of the table; h is returned as split-K partials (sum over its first dimension).
 
-Reads (see kernels/triton/common.py for the table):
+Reads (see loramux_kernels/triton/common.py for the table):
     x       [num_tokens, in_features]                     any strides
     A_k     lora_a [max_slots, max_rank_k, in_features]   contiguous, one per slice
     ranks_k int32 [max_slots]

@@ -1,7 +1,7 @@
 """The CPU LoRA backend: a fused C kernel for short segments, torch matmuls for long ones.
 
-Decode steps (a few tokens per adapter) go through `lora_sgmv_f32` in kernels/cpu/sgmv.c
-(fp32) or `lora_sgmv_bf16` in kernels/cpu/sgmv_bf16.c (bf16, fp32 accumulation; built
+Decode steps (a few tokens per adapter) go through `lora_sgmv_f32` in loramux_kernels/cpu/sgmv.c
+(fp32) or `lora_sgmv_bf16` in loramux_kernels/cpu/sgmv_bf16.c (bf16, fp32 accumulation; built
 with AVX512-BF16 dot products where the CPU has them): one call per projection slice,
 each adapter's weights streamed once. Long segments (prefill) go through torch, whose
 BLAS (oneDNN with AMX tiles for bf16, where present) is at its best on tall matmuls.
@@ -30,7 +30,7 @@ LONG_SEGMENT_TOKENS = 16
 # stays ahead up to ~32-48 rows (bench/bench_lora_bf16.py, one_segment).
 LONG_SEGMENT_TOKENS_BY_DTYPE = {torch.float32: LONG_SEGMENT_TOKENS, torch.bfloat16: 48}
 MAX_SLICES = 8  # matches the C kernel's slice table
-# dtype -> (C source in kernels/cpu/, entry point); the kernels share one signature.
+# dtype -> (C source in loramux_kernels/cpu/, entry point); the kernels share one signature.
 KERNELS = {torch.float32: ("sgmv", "lora_sgmv_f32"), torch.bfloat16: ("sgmv_bf16", "lora_sgmv_bf16")}
 
 _P = ctypes.c_void_p

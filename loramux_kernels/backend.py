@@ -2,9 +2,9 @@
 
 The backend is chosen once at start-up (`select_backend`); no layer branches on it.
 Per-step planning is explicit: `prepare(info)` once, then `add_lora` per layer.
-DoRA adds no backend work: its per-token rescale (kernels/dora.py) follows `add_lora`
+DoRA adds no backend work: its per-token rescale (loramux_kernels/dora.py) follows `add_lora`
 in the layer, in plain torch ops, whatever the backend; embedding LoRA is a gather
-(kernels/embedding_lora.py); lm_head LoRA is one more `add_lora` on the logits rows.
+(loramux_kernels/embedding_lora.py); lm_head LoRA is one more `add_lora` on the logits rows.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class LoraBackend(Protocol):
     ) -> None:
         """Semantics: for each segment i (slot w != -1) and output slice k at offset off_k:
         y[s[i]:s[i+1], off_k:off_k+n_k] += seg_scales[i] * (x[s[i]:s[i+1]] @ A_k[w,:r].T) @ B_k[w,:r]
-        with r = ranks_k[w] (see kernels/reference.py)."""
+        with r = ranks_k[w] (see loramux_kernels/reference.py)."""
         ...
 
 

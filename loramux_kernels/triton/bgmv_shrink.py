@@ -4,7 +4,7 @@ Semantics: h[t, k*R : k*R + r] = x[t] @ A_k[w[t], :r].T
     for each token t with slot w[t] = token_slots[t] != -1 and each slice k, r = ranks_k[w[t]];
     h is returned as split-K partials (sum over its first dimension).
 
-Reads (see kernels/triton/common.py for the table):
+Reads (see loramux_kernels/triton/common.py for the table):
     x            [num_tokens, in_features]                     any strides
     token_slots  int32 [num_tokens]                            -1 = base, no delta
     A_k          lora_a [max_slots, max_rank_k, in_features]   contiguous, one per slice

@@ -1,6 +1,6 @@
 """Pieces shared by the Triton LoRA kernels: the slice table, the SGMV tile list, configs.
 
-The weights the kernels read are the stacked per-slot buffers of kernels/buffers.py, one
+The weights the kernels read are the stacked per-slot buffers of loramux_kernels/buffers.py, one
 `LoraModuleBuffers` per output slice of a projection (q, k, v of a fused qkv; gate, up of
 a fused gate_up; a single slice elsewhere):
 
@@ -116,7 +116,7 @@ class LoraSliceTable:
             if buffers.in_features != first.in_features or buffers.max_slots != first.max_slots:
                 raise ValueError("all LoRA slices of a projection must share in_features and max_slots")
             if not (a.is_contiguous() and b.is_contiguous() and ranks.is_contiguous()):
-                raise ValueError("LoRA buffers must be contiguous (see kernels/buffers.py)")
+                raise ValueError("LoRA buffers must be contiguous (see loramux_kernels/buffers.py)")
             if ranks.dtype != torch.int32:
                 raise ValueError("LoRA ranks must be int32")
             row = [0] * META_FIELDS.value

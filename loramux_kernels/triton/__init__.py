@@ -7,6 +7,6 @@
     bgmv_shrink.py   the same shrink, one adapter per token (decode)
     bgmv_expand.py   the same expand, one adapter per token (decode)
 
-Only kernels/triton_backend.py imports these modules; nothing on the CPU path does, so CPU
+Only loramux_kernels/triton_backend.py imports these modules; nothing on the CPU path does, so CPU
 serving never needs Triton. This package's __init__ imports nothing.
 """

@@ -4,7 +4,7 @@ Semantics: y[s[i]:s[i+1], off_k : off_k + n_k] += scale[i] * h[s[i]:s[i+1], k*R 
     for each segment i with slot w = w[i] != -1 and each slice k, r = ranks_k[w]
     (h = the sum of sgmv_shrink's split-K partials).
 
-Reads (see kernels/triton/common.py for the table):
+Reads (see loramux_kernels/triton/common.py for the table):
     h       fp32 [num_splits, num_tokens, num_slices * R]    from the shrink, contiguous
     B_k     lora_b [max_slots, max_rank_k, out_k]            contiguous, one per slice
     ranks_k int32 [max_slots]; scale = info.seg_scales float32 [num_segments]

@@ -4,7 +4,7 @@
  * (columns out_offsets[k] .. + out_widths[k] of y), with r = ranks_k[w]:
  *   y[seg_start[i]:seg_end[i], slice k] += seg_scale[i] * (x[rows] @ A_k[w, :r].T) @ B_k[w, :r]
  * A_k: [max_slots, max_rank, in_f] and B_k: [max_slots, max_rank, out_widths[k]], both
- * contiguous (kernels/buffers.py). x and y are row-major with the given row strides.
+ * contiguous (loramux_kernels/buffers.py). x and y are row-major with the given row strides.
  * Slices share x: one call serves a fused projection (q/k/v, or gate/up).
  *
  * Why hand-written: a decode step has a few tokens per adapter, so torch spends its time
