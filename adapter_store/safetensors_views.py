@@ -39,12 +39,21 @@ class SafetensorsViews:
             mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
         self._data_start = 8 + header_len
         self._bytes = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` alive
+        # dtype -> the whole mapping viewed as that dtype: one as_strided call per tensor
+        self._typed: dict[torch.dtype, torch.Tensor] = {}
+
+    def entry(self, key: str) -> tuple[str, list[int]]:
+        """(dtype name as stored, e.g. "F32", shape) from the header, reading no data."""
+        entry = self._header.get(key)
+        if not isinstance(entry, dict):
+            raise FileChanged(f"tensor {key!r} is missing")
+        return entry.get("dtype"), entry.get("shape")
 
     def get(self, key: str) -> torch.Tensor:
-        entry = self._header.get(key)
-        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
-            raise FileChanged(f"tensor {key!r} is missing or not a float tensor")
-        dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
+        dtype_name, shape = self.entry(key)
+        if dtype_name not in _DTYPES:
+            raise FileChanged(f"tensor {key!r} is not a float tensor")
+        dtype, entry = _DTYPES[dtype_name], self._header[key]
         begin, end = entry["data_offsets"]
         start, stop = self._data_start + begin, self._data_start + end
         if stop > self._bytes.numel() or stop - start != math.prod(shape) * dtype.itemsize:
@@ -54,4 +63,9 @@ class SafetensorsViews:
                 f"tensor {key!r} starts at byte {start} of the file, not a multiple of its "
                 f"{dtype.itemsize}-byte dtype {entry['dtype']} (re-save it with safetensors)"
             )
-        return self._bytes[start:stop].view(dtype).view(shape)
+        typed = self._typed.get(dtype)
+        if typed is None:
+            whole = self._bytes.numel() // dtype.itemsize * dtype.itemsize
+            typed = self._typed[dtype] = self._bytes[:whole].view(dtype)
+        strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]  # contiguous
+        return typed.as_strided(shape, strides, start // dtype.itemsize)

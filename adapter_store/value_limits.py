@@ -53,7 +53,8 @@ def check_scaled_lora_b(
 ) -> None:
     """Refuse lora_B whose largest |value| times its scaling overflows lora_B's dtype.
 
-    One max-abs reduction per layer, no temporaries: aminmax over each layer's values.
+    Two reductions per layer (amax, amin), no temporaries: torch's aminmax along a dim is
+    ~6x slower than the two on CPU (1.35 ms against 0.24 for a 30-layer r=16 gate_proj).
     """
     limit = torch.finfo(lora_b.dtype).max
     stacked = lora_b if lora_b.dim() == 3 else lora_b.unsqueeze(0)
@@ -61,7 +62,8 @@ def check_scaled_lora_b(
     # max |value| is the same for a tensor and its transpose: flatten whichever is contiguous
     if not stacked.is_contiguous() and stacked.transpose(1, 2).is_contiguous():
         stacked = stacked.transpose(1, 2)
-    low, high = torch.aminmax(stacked.reshape(stacked.shape[0], -1), dim=1)  # [num_layers]
+    rows = stacked.reshape(stacked.shape[0], -1)  # [num_layers, values of a layer]
+    low, high = rows.amin(dim=1), rows.amax(dim=1)  # [num_layers]
     largest = torch.maximum(high.abs(), low.abs()).double()  # [num_layers]
     scaled = largest * torch.tensor(per_layer, dtype=torch.float64).abs()
     if bool((scaled <= limit).all()):
