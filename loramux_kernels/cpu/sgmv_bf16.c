@@ -68,12 +68,15 @@ static inline __m512 load_bf16_as_f32_tail(const bf16 *p, int n)
 /* out[q] = A[q] . x for four rows A[0..3] of length n, in a fixed order (32-element
  * chunks into 16 fp32 lanes, lanes summed in order, then the tail). */
 static inline void dot4(const bf16 *restrict a0, const bf16 *restrict a1, const bf16 *restrict a2,
-                        const bf16 *restrict a3, const bf16 *restrict x, int n, float out[4])
+                        const bf16 *restrict a3, const bf16 *restrict x, int n, float out[4],
+                        const bf16 *prefetch)
 {
 #if HAVE_DPBF16
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
     int k = 0;
     for (; k + 32 <= n; k += 32) {
+        if (prefetch) /* 4 lines of the next 4 x n block per 32 columns: all of it by the end */
+            for (int q = 0; q < 4; q++) _mm_prefetch((const char *)(prefetch + 4 * k + 32 * q), _MM_HINT_T0);
         const __m512bh xv = load_bh(x + k);
         c0 = _mm512_dpbf16_ps(c0, load_bh(a0 + k), xv);
         c1 = _mm512_dpbf16_ps(c1, load_bh(a1 + k), xv);
@@ -130,7 +133,10 @@ static void shrink_rows(float *restrict h, int max_rank, const bf16 *restrict x,
         const bf16 *r3 = a + (int64_t)(j + n - 1) * in_f;
         for (int t = t0; t < t1; t++) {
             float d[4];
-            dot4(r0, r1, r2, r3, x + (int64_t)t * x_stride, in_f, d);
+            /* The first token's pass fetches the next rows ahead (the hardware prefetcher
+             * stops at each 4 KiB page; these blocks are a few pages each). */
+            const bf16 *next = t == t0 && j + 4 < j1 ? a + (int64_t)(j + 4) * in_f : NULL;
+            dot4(r0, r1, r2, r3, x + (int64_t)t * x_stride, in_f, d, next);
             float *hr = h + (int64_t)(t - t0) * max_rank + j;
             for (int q = 0; q < n; q++) hr[q] = d[q] * scale;
         }
@@ -139,38 +145,56 @@ static void shrink_rows(float *restrict h, int max_rank, const bf16 *restrict x,
 
 /* For each token t of a segment and each column c in [c0, c1):
  *   y[t, c] = bf16(y[t, c] + sum_j h[t, j] * B[j, c])   (the sum in fp32, in order of j)
- * Column blocks outside, tokens inside: a block of B (r rows x 32 columns) is read from
- * memory once per segment and stays in L1 for the segment's other tokens. */
+ * Rank rows outside, columns inside: each row of B is read as one long run of up to
+ * EXPAND_COLS columns (what the hardware prefetcher streams best; a block of a few
+ * columns across all r rows was r short streams at once), into fp32 sums for up to
+ * EXPAND_TOKENS tokens that stay in L1/L2. Every sum still adds j = 0, 1, ... in order.
+ * Rows of B are fetched EXPAND_PREFETCH_ROWS ahead: a row of a thread's columns is read in
+ * less time than a trip to memory (2 rows ahead: ~15% faster than none; 4: the same). */
+enum { EXPAND_COLS = 1024, EXPAND_TOKENS = 8, EXPAND_PREFETCH_ROWS = 2 };
+
 static void expand_segment(bf16 *restrict y, int64_t y_stride, const float *restrict h, int max_rank,
                            const bf16 *restrict b, int out, int r, int t0, int t1, int c0, int c1)
 {
 #if HAVE_DPBF16
-    int c = c0;
-    for (; c + 2 * LANES <= c1; c += 2 * LANES)
-        for (int t = t0; t < t1; t++) {
-            const float *hr = h + (int64_t)(t - t0) * max_rank;
-            bf16 *yr = y + (int64_t)t * y_stride + c;
-            __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    float acc[EXPAND_TOKENS][EXPAND_COLS] __attribute__((aligned(64)));
+    for (int cb = c0; cb < c1; cb += EXPAND_COLS) {
+        const int n = c1 - cb < EXPAND_COLS ? c1 - cb : EXPAND_COLS;
+        const int full = n / LANES * LANES, tail = n - full;
+        for (int tb = t0; tb < t1; tb += EXPAND_TOKENS) {
+            const int nt = t1 - tb < EXPAND_TOKENS ? t1 - tb : EXPAND_TOKENS;
+            for (int t = 0; t < nt; t++) memset(acc[t], 0, sizeof(float) * n);
             for (int j = 0; j < r; j++) {
-                const __m512 hv = _mm512_set1_ps(hr[j]);
-                const bf16 *br = b + (int64_t)j * out + c;
-                s0 = _mm512_fmadd_ps(hv, load_bf16_as_f32(br), s0);
-                s1 = _mm512_fmadd_ps(hv, load_bf16_as_f32(br + LANES), s1);
+                const bf16 *br = b + (int64_t)j * out + cb;
+                float hj[EXPAND_TOKENS];
+                for (int t = 0; t < nt; t++) hj[t] = h[(int64_t)(tb + t - t0) * max_rank + j];
+                const bf16 *ahead = j + EXPAND_PREFETCH_ROWS < r ? br + (int64_t)EXPAND_PREFETCH_ROWS * out : NULL;
+                for (int c = 0; c < full; c += LANES) {
+                    if (ahead && !(c & (2 * LANES - 1))) _mm_prefetch((const char *)(ahead + c), _MM_HINT_T0);
+                    const __m512 bv = load_bf16_as_f32(br + c);
+                    for (int t = 0; t < nt; t++)
+                        _mm512_store_ps(acc[t] + c, _mm512_fmadd_ps(_mm512_set1_ps(hj[t]), bv, _mm512_load_ps(acc[t] + c)));
+                }
+                if (tail) {
+                    const __m512 bv = load_bf16_as_f32_tail(br + full, tail);
+                    for (int t = 0; t < nt; t++)
+                        _mm512_store_ps(acc[t] + full, _mm512_fmadd_ps(_mm512_set1_ps(hj[t]), bv, _mm512_load_ps(acc[t] + full)));
+                }
             }
-            const __m512 y0 = _mm512_add_ps(load_bf16_as_f32(yr), s0);
-            const __m512 y1 = _mm512_add_ps(load_bf16_as_f32(yr + LANES), s1);
-            _mm512_storeu_si512((void *)yr, (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
-        }
-    for (; c < c1; c += LANES) {
-        const int m = c1 - c < LANES ? c1 - c : LANES;
-        for (int t = t0; t < t1; t++) {
-            const float *hr = h + (int64_t)(t - t0) * max_rank;
-            bf16 *yr = y + (int64_t)t * y_stride + c;
-            __m512 s0 = _mm512_setzero_ps();
-            for (int j = 0; j < r; j++)
-                s0 = _mm512_fmadd_ps(_mm512_set1_ps(hr[j]), load_bf16_as_f32_tail(b + (int64_t)j * out + c, m), s0);
-            const __m512 y0 = _mm512_add_ps(load_bf16_as_f32_tail(yr, m), s0);
-            _mm256_mask_storeu_epi16((void *)yr, (__mmask16)((1u << m) - 1), (__m256i)_mm512_cvtneps_pbh(y0));
+            for (int t = 0; t < nt; t++) {
+                bf16 *yr = y + (int64_t)(tb + t) * y_stride + cb;
+                int c = 0;
+                for (; c + 2 * LANES <= n; c += 2 * LANES) {
+                    const __m512 y0 = _mm512_add_ps(load_bf16_as_f32(yr + c), _mm512_load_ps(acc[t] + c));
+                    const __m512 y1 = _mm512_add_ps(load_bf16_as_f32(yr + c + LANES), _mm512_load_ps(acc[t] + c + LANES));
+                    _mm512_storeu_si512((void *)(yr + c), (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
+                }
+                for (; c < n; c += LANES) {
+                    const int m = n - c < LANES ? n - c : LANES;
+                    const __m512 y0 = _mm512_add_ps(load_bf16_as_f32_tail(yr + c, m), _mm512_load_ps(acc[t] + c));
+                    _mm256_mask_storeu_epi16((void *)(yr + c), (__mmask16)((1u << m) - 1), (__m256i)_mm512_cvtneps_pbh(y0));
+                }
+            }
         }
     }
 #else
