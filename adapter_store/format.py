@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 
 from loramux.adapter_store.cpu_arena import BlockCarver, HostAlloc, fresh_alloc
 from loramux.adapter_store.errors import (
+    AdapterError,
     AdapterInvalid,
     AdapterNotFound,
     AdapterTooLarge,
@@ -1000,6 +1001,20 @@ def _parse_tensor_key(
         if len(spec.parsed_keys) < MAX_PARSED_KEYS:
             spec.parsed_keys[key] = parsed
     return parsed
+
+
+def warm_parsed_keys(spec: BaseModelSpec) -> None:
+    """Parse the keys PEFT writes for every projection of `spec` (lora_A / lora_B of each
+    layer's modules) into spec.parsed_keys, so the first adapter a server loads does not
+    pay ~12 us of pattern matching per tensor (~5 ms for an all-linear adapter of 30
+    layers) that every later one skips. Names the spec refuses are left out."""
+    for layer, module in spec.modules():
+        for factor in "AB":
+            key = f"base_model.model.{spec.module_name(layer, module)}.lora_{factor}.weight"
+            try:
+                _parse_tensor_key("", Path(), key, spec)
+            except AdapterError:
+                continue
 
 
 def _parse_new_tensor_key(

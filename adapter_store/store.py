@@ -57,7 +57,7 @@ from loramux.adapter_store.errors import (
     UploadsDisabled,
 )
 from loramux.adapter_store.eviction import make_policy
-from loramux.adapter_store.format import BaseModelSpec, LoraAdapter, load_adapter
+from loramux.adapter_store.format import BaseModelSpec, LoraAdapter, load_adapter, warm_parsed_keys
 from loramux.adapter_store.ids import DERIVED_PREFIX, check_adapter_id, check_user_adapter_id
 from loramux.adapter_store.loader import LoaderThread, LoadFn, SlotWriter
 from loramux.adapter_store.merged import MergedAdapters
@@ -136,6 +136,7 @@ class AdapterStore:
                 log.warning("CPU tier without an arena (adapters in fresh memory): %s", e)
         self._cpu = CpuCache(config.cpu_cache_bytes, make_policy(config.eviction_policy), self._arena)
         self._load_fn: LoadFn = load_fn or partial(load_adapter, alloc=self._allocate)
+        warm_parsed_keys(spec)  # ~5 ms here instead of in the first cold load
         self._slots: SlotTable[AdapterEntry] = SlotTable(
             self.max_slots, make_policy(config.eviction_policy)
         )

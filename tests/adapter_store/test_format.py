@@ -631,3 +631,23 @@ def test_dora_needs_a_model_that_declares_it(make_adapter, spec):
     )
     with pytest.raises(AdapterUnsupported, match="declares no DoRA support"):
         load_adapter(ID, directory, plain_spec, MAX_RANK)
+
+
+def test_warm_parsed_keys_matches_parsing_each_key(make_adapter, spec):
+    """The key cache warmed at store start holds what parsing the file's keys would give."""
+    from dataclasses import replace
+
+    from safetensors import safe_open
+
+    from loramux.adapter_store.format import _parse_new_tensor_key, warm_parsed_keys
+
+    warm = replace(spec)  # a fresh spec: its own empty cache
+    assert not warm.parsed_keys
+    warm_parsed_keys(warm)
+    assert len(warm.parsed_keys) >= 2 * spec.num_layers * len(spec.module_shapes)
+    directory, _ = make_adapter(target_modules="all-linear")
+    with safe_open(directory / WEIGHTS_NAME, framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(key in warm.parsed_keys for key in keys)
+    for key in keys:
+        assert warm.parsed_keys[key] == _parse_new_tensor_key("a", directory, key, warm)
