@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from loramux.kernels.slot_copy import copy_blocks, prepare as prepare_slot_copy
+
 
 def _zeroed_buffers(
     leading: tuple[int, ...],
@@ -202,6 +204,7 @@ class LoraModuleStack:
         self.lora_a, self.lora_b, self.ranks, self.dora_scale = _zeroed_buffers(
             (num_layers,), max_slots, max_rank, in_features, out_features, dtype, device
         )
+        prepare_slot_copy(dtype, device)
         self.layers: tuple[LoraModuleBuffers, ...] = tuple(
             LoraModuleBuffers(max_slots, max_rank, in_features, out_features, dtype, device, self, i)
             for i in range(num_layers)
@@ -246,12 +249,15 @@ class LoraModuleStack:
         )
         a = self.lora_a[:, slot, :rank]  # [num_layers, r, in]
         b = self.lora_b[:, slot, :rank]  # [num_layers, r, out]
-        a.copy_(lora_a)
+        if not copy_blocks(a, lora_a):  # the CPU's streaming copy, else torch
+            a.copy_(lora_a)
         # The scalings as a tensor in the op-math type a Python float scalar would get, so
         # the products round exactly as in LoraModuleBuffers.write.
         scale_dtype = torch.float64 if lora_b.dtype == torch.float64 else torch.float32
         scale = torch.tensor(scalings, dtype=scale_dtype, device=lora_b.device).view(num_layers, 1, 1)
-        if lora_b.device == b.device:
+        if copy_blocks(b, lora_b.transpose(1, 2), scale.view(num_layers)):
+            pass
+        elif lora_b.device == b.device:
             torch.mul(lora_b.transpose(1, 2), scale, out=b)  # one pass, no temporary
         else:
             b.copy_(torch.mul(lora_b.transpose(1, 2), scale).to(lora_b.dtype))

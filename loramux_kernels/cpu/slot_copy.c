@@ -1,0 +1,91 @@
+/* Writing an adapter into a device slot on the CPU: blocks of contiguous values copied,
+ * each times its own scale (or 1), with streaming stores.
+ *
+ *   dst[b * dst_stride + i] = src[b * src_stride + i] * (scales ? scales[b] : 1)
+ *   for b in [0, num_blocks), i in [0, count)
+ *
+ * A slot's buffers are cold in cache when a new adapter is written into them (16 slots of
+ * ~20 MB each for the default model), so an ordinary store first reads every line it
+ * writes; streaming stores skip that read, a third of the memory traffic of the write.
+ * The products are those of torch.mul with an fp32 scale tensor: fp32 math, one rounding to
+ * the buffer's dtype (bf16: to nearest, ties to even).
+ */
+#include <stdint.h>
+#include <string.h>
+#include "bf16.h"
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+#else
+#define HAVE_AVX512 0
+#endif
+
+static void copy_block_f32(float *restrict dst, const float *restrict src, int64_t n, float scale, int scaled)
+{
+    int64_t i = 0;
+#if HAVE_AVX512
+    /* ordinary stores up to a 64-byte boundary, then whole lines streamed */
+    for (; i < n && ((uintptr_t)(dst + i) & 63); i++) dst[i] = scaled ? src[i] * scale : src[i];
+    const __m512 s = _mm512_set1_ps(scale);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(src + i);
+        _mm512_stream_ps(dst + i, scaled ? _mm512_mul_ps(v, s) : v);
+    }
+#endif
+    for (; i < n; i++) dst[i] = scaled ? src[i] * scale : src[i];
+}
+
+#if HAVE_AVX512
+/* 16 fp32 -> 16 bf16, round to nearest even, NaN kept quiet (as f32_to_bf16) */
+static inline __m256i f32x16_to_bf16(__m512 v)
+{
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i rounded = _mm512_add_epi32(
+        u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    const __m512i out = _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000)); /* NaN: the bits, quieted */
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(out, 16));
+}
+#endif
+
+static void copy_block_bf16(bf16 *restrict dst, const bf16 *restrict src, int64_t n, float scale, int scaled)
+{
+    int64_t i = 0;
+#if HAVE_AVX512
+    for (; i < n && ((uintptr_t)(dst + i) & 63); i++)
+        dst[i] = scaled ? f32_to_bf16(bf16_to_f32(src[i]) * scale) : src[i];
+    const __m512 s = _mm512_set1_ps(scale);
+    for (; i + 32 <= n; i += 32) {
+        __m512i line;
+        if (scaled) {
+            const __m512 lo = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i))), 16)), s);
+            const __m512 hi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i + 16))), 16)), s);
+            line = _mm512_inserti64x4(_mm512_castsi256_si512(f32x16_to_bf16(lo)), f32x16_to_bf16(hi), 1);
+        } else {
+            line = _mm512_loadu_si512((const void *)(src + i));
+        }
+        _mm512_stream_si512((void *)(dst + i), line);
+    }
+#endif
+    for (; i < n; i++) dst[i] = scaled ? f32_to_bf16(bf16_to_f32(src[i]) * scale) : src[i];
+}
+
+/* element_size 4: fp32, 2: bf16. Returns 0, or -1 for another element size. */
+int slot_copy(void *dst, int64_t dst_stride, const void *src, int64_t src_stride, int64_t count,
+              int num_blocks, const float *scales, int element_size)
+{
+    if (element_size != 4 && element_size != 2) return -1;
+    for (int b = 0; b < num_blocks; b++) {
+        const float scale = scales ? scales[b] : 1.0f;
+        if (element_size == 4)
+            copy_block_f32((float *)dst + b * dst_stride, (const float *)src + b * src_stride, count, scale, scales != 0);
+        else
+            copy_block_bf16((bf16 *)dst + b * dst_stride, (const bf16 *)src + b * src_stride, count, scale, scales != 0);
+    }
+#if HAVE_AVX512
+    _mm_sfence(); /* streamed lines are visible before the slot is published */
+#endif
+    return 0;
+}
