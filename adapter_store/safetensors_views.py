@@ -44,16 +44,20 @@ class SafetensorsViews:
 
     def entry(self, key: str) -> tuple[str, list[int]]:
         """(dtype name as stored, e.g. "F32", shape) from the header, reading no data."""
+        entry = self._entry(key)
+        return entry.get("dtype"), entry.get("shape")
+
+    def _entry(self, key: str) -> dict:
         entry = self._header.get(key)
         if not isinstance(entry, dict):
             raise FileChanged(f"tensor {key!r} is missing")
-        return entry.get("dtype"), entry.get("shape")
+        return entry
 
     def get(self, key: str) -> torch.Tensor:
-        dtype_name, shape = self.entry(key)
-        if dtype_name not in _DTYPES:
+        entry = self._entry(key)
+        if entry.get("dtype") not in _DTYPES:
             raise FileChanged(f"tensor {key!r} is not a float tensor")
-        dtype, entry = _DTYPES[dtype_name], self._header[key]
+        dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
         begin, end = entry["data_offsets"]
         start, stop = self._data_start + begin, self._data_start + end
         if stop > self._bytes.numel() or stop - start != math.prod(shape) * dtype.itemsize:

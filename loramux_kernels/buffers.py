@@ -255,12 +255,11 @@ class LoraModuleStack:
         # the products round exactly as in LoraModuleBuffers.write.
         scale_dtype = torch.float64 if lora_b.dtype == torch.float64 else torch.float32
         scale = torch.tensor(scalings, dtype=scale_dtype, device=lora_b.device).view(num_layers, 1, 1)
-        if copy_blocks(b, lora_b.transpose(1, 2), scale.view(num_layers)):
-            pass
-        elif lora_b.device == b.device:
-            torch.mul(lora_b.transpose(1, 2), scale, out=b)  # one pass, no temporary
-        else:
-            b.copy_(torch.mul(lora_b.transpose(1, 2), scale).to(lora_b.dtype))
+        if not copy_blocks(b, lora_b.transpose(1, 2), scale.view(num_layers)):  # likewise
+            if lora_b.device == b.device:
+                torch.mul(lora_b.transpose(1, 2), scale, out=b)  # one pass, no temporary
+            else:
+                b.copy_(torch.mul(lora_b.transpose(1, 2), scale).to(lora_b.dtype))
         previous = [layer.ranks_host[slot] for layer in self.layers]
         for i, before in enumerate(previous):
             if before > rank:  # rows past the previous rank are zero already

@@ -77,11 +77,7 @@ static inline float exp_nonpositive(float x)
 #ifdef __AVX512F__
 /* 16 elements widened to fp32 (bf16: the bits shifted up, exact). */
 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16_bf16(const bf16 *p)
-{
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+static inline __m512 load16_bf16(const bf16 *p) { return bf16x16_to_f32(p); }
 /* The same sum as dot(): a lane-wise FMA chain over 16-wide chunks, folded by halves. */
 static inline float dot16(const float *restrict a, const __m512 *restrict b, int chunks)
 {

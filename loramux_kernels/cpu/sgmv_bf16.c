@@ -54,15 +54,6 @@ static inline __m512bh load_bh_tail(const bf16 *p, int n)
 {
     return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), (const void *)p);
 }
-static inline __m512 load_bf16_as_f32(const bf16 *p)
-{
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-static inline __m512 load_bf16_as_f32_tail(const bf16 *p, int n)
-{
-    const __m256i v = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), (const void *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
 #endif
 
 /* out[q] = A[q] . x for four rows A[0..3] of length n, in a fixed order (32-element
@@ -171,12 +162,12 @@ static void expand_segment(bf16 *restrict y, int64_t y_stride, const float *rest
                 const bf16 *ahead = j + EXPAND_PREFETCH_ROWS < r ? br + (int64_t)EXPAND_PREFETCH_ROWS * out : NULL;
                 for (int c = 0; c < full; c += LANES) {
                     if (ahead && !(c & (2 * LANES - 1))) _mm_prefetch((const char *)(ahead + c), _MM_HINT_T0);
-                    const __m512 bv = load_bf16_as_f32(br + c);
+                    const __m512 bv = bf16x16_to_f32(br + c);
                     for (int t = 0; t < nt; t++)
                         _mm512_store_ps(acc[t] + c, _mm512_fmadd_ps(_mm512_set1_ps(hj[t]), bv, _mm512_load_ps(acc[t] + c)));
                 }
                 if (tail) {
-                    const __m512 bv = load_bf16_as_f32_tail(br + full, tail);
+                    const __m512 bv = bf16x16_to_f32_tail(br + full, tail);
                     for (int t = 0; t < nt; t++)
                         _mm512_store_ps(acc[t] + full, _mm512_fmadd_ps(_mm512_set1_ps(hj[t]), bv, _mm512_load_ps(acc[t] + full)));
                 }
@@ -185,13 +176,13 @@ static void expand_segment(bf16 *restrict y, int64_t y_stride, const float *rest
                 bf16 *yr = y + (int64_t)(tb + t) * y_stride + cb;
                 int c = 0;
                 for (; c + 2 * LANES <= n; c += 2 * LANES) {
-                    const __m512 y0 = _mm512_add_ps(load_bf16_as_f32(yr + c), _mm512_load_ps(acc[t] + c));
-                    const __m512 y1 = _mm512_add_ps(load_bf16_as_f32(yr + c + LANES), _mm512_load_ps(acc[t] + c + LANES));
+                    const __m512 y0 = _mm512_add_ps(bf16x16_to_f32(yr + c), _mm512_load_ps(acc[t] + c));
+                    const __m512 y1 = _mm512_add_ps(bf16x16_to_f32(yr + c + LANES), _mm512_load_ps(acc[t] + c + LANES));
                     _mm512_storeu_si512((void *)(yr + c), (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
                 }
                 for (; c < n; c += LANES) {
                     const int m = n - c < LANES ? n - c : LANES;
-                    const __m512 y0 = _mm512_add_ps(load_bf16_as_f32_tail(yr + c, m), _mm512_load_ps(acc[t] + c));
+                    const __m512 y0 = _mm512_add_ps(bf16x16_to_f32_tail(yr + c, m), _mm512_load_ps(acc[t] + c));
                     _mm256_mask_storeu_epi16((void *)(yr + c), (__mmask16)((1u << m) - 1), (__m256i)_mm512_cvtneps_pbh(y0));
                 }
             }

@@ -35,18 +35,6 @@ static void copy_block_f32(float *restrict dst, const float *restrict src, int64
     for (; i < n; i++) dst[i] = scaled ? src[i] * scale : src[i];
 }
 
-#if HAVE_AVX512
-/* 16 fp32 -> 16 bf16, round to nearest even, NaN kept quiet (as f32_to_bf16) */
-static inline __m256i f32x16_to_bf16(__m512 v)
-{
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i rounded = _mm512_add_epi32(
-        u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-    const __m512i out = _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000)); /* NaN: the bits, quieted */
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(out, 16));
-}
-#endif
 
 static void copy_block_bf16(bf16 *restrict dst, const bf16 *restrict src, int64_t n, float scale, int scaled)
 {
@@ -58,10 +46,8 @@ static void copy_block_bf16(bf16 *restrict dst, const bf16 *restrict src, int64_
     for (; i + 32 <= n; i += 32) {
         __m512i line;
         if (scaled) {
-            const __m512 lo = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i))), 16)), s);
-            const __m512 hi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i + 16))), 16)), s);
+            const __m512 lo = _mm512_mul_ps(bf16x16_to_f32(src + i), s);
+            const __m512 hi = _mm512_mul_ps(bf16x16_to_f32(src + i + 16), s);
             line = _mm512_inserti64x4(_mm512_castsi256_si512(f32x16_to_bf16(lo)), f32x16_to_bf16(hi), 1);
         } else {
             line = _mm512_loadu_si512((const void *)(src + i));
