@@ -29,7 +29,7 @@ LONG_SEGMENT_TOKENS = 16
 # In bf16, torch's small matmuls cost ~35 us each whatever their size, and the C kernel
 # stays ahead up to ~32-48 rows (bench/bench_lora_bf16.py, one_segment).
 LONG_SEGMENT_TOKENS_BY_DTYPE = {torch.float32: LONG_SEGMENT_TOKENS, torch.bfloat16: 48}
-MAX_SLICES = 8  # matches the C kernel's slice table
+MAX_SLICES = 8  # SGMV_MAX_SLICES in loramux_kernels/cpu/sgmv_plan.h
 # dtype -> (C source in loramux_kernels/cpu/, entry point); the kernels share one signature.
 KERNELS = {torch.float32: ("sgmv", "lora_sgmv_f32"), torch.bfloat16: ("sgmv_bf16", "lora_sgmv_bf16")}
 

@@ -23,15 +23,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
+#include "sgmv_plan.h"
 
 #define LANES 16
 
-typedef struct {
-    const float *a;       /* [max_slots, max_rank, in_f] */
-    const float *b;       /* [max_slots, max_rank, out] */
-    const int32_t *ranks; /* [max_slots] */
-    int out_offset, out;
-} Slice;
 
 /* A dot product whose summation order is fixed by the source (LANES partial sums, then
  * summed in order), so it does not depend on alignment or on the rest of the batch;
@@ -136,73 +131,34 @@ void lora_sgmv_f32(float *y, int64_t y_stride, const float *x, int64_t x_stride,
                    const int32_t *seg_start, const int32_t *seg_end, const int32_t *seg_slot,
                    const float *seg_scale, int num_segs, int num_threads)
 {
-    Slice slices[8];
-    if (num_slices > 8 || num_segs <= 0) return;
-    for (int k = 0; k < num_slices; k++) {
-        slices[k].a = (const float *)(intptr_t)a_ptrs[k];
-        slices[k].b = (const float *)(intptr_t)b_ptrs[k];
-        slices[k].ranks = (const int32_t *)(intptr_t)rank_ptrs[k];
-        slices[k].out_offset = out_offsets[k];
-        slices[k].out = out_widths[k];
-    }
-    /* Phase 1 (shrink): work items are (slice, segment, rank row), split evenly.
-     * Phase 2 (expand): each thread owns a contiguous range of the fused output columns. */
-    int64_t *item_start = malloc(sizeof(int64_t) * (num_slices * num_segs + 1));
-    int64_t *h_row = malloc(sizeof(int64_t) * (num_segs + 1));
-    int total_cols = 0;
-    for (int k = 0; k < num_slices; k++) total_cols += slices[k].out;
-    int64_t items = 0, rows = 0;
-    for (int s = 0; s < num_segs; s++) {
-        h_row[s] = rows;
-        rows += seg_end[s] - seg_start[s];
-    }
-    h_row[num_segs] = rows;
-    for (int k = 0; k < num_slices; k++)
-        for (int s = 0; s < num_segs; s++) {
-            item_start[k * num_segs + s] = items;
-            items += slices[k].ranks[seg_slot[s]];
-        }
-    item_start[num_slices * num_segs] = items;
-    /* h for slice k, segment s: rows h_row[s].., at offset k * rows * max_rank. */
-    float *h = malloc(sizeof(float) * (rows > 0 ? rows : 1) * max_rank * num_slices + 1);
-    if (!item_start || !h_row || !h) { free(item_start); free(h_row); free(h); return; }
+    SgmvPlan plan;
+    if (sgmv_plan_init(&plan, a_ptrs, b_ptrs, rank_ptrs, out_offsets, out_widths, num_slices, max_rank,
+                       seg_start, seg_end, seg_slot, num_segs))
+        return;
     #pragma omp parallel num_threads(num_threads)
     {
         const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int64_t g0 = items * tid / nt, g1 = items * (tid + 1) / nt;
-        int ks = 0;
-        while (g0 < g1 && item_start[ks + 1] <= g0) ks++;
-        for (int64_t g = g0; g < g1;) {
-            while (item_start[ks + 1] <= g) ks++;
-            const int k = ks / num_segs, s = ks % num_segs;
-            const int64_t j0 = g - item_start[ks];
-            const int64_t j1 = (item_start[ks + 1] < g1 ? item_start[ks + 1] : g1) - item_start[ks];
-            const int slot = seg_slot[s];
-            shrink_rows(h + ((int64_t)k * rows + h_row[s]) * max_rank, max_rank, x, x_stride,
-                        slices[k].a + (int64_t)slot * max_rank * in_f, in_f,
-                        seg_start[s], seg_end[s], (int)j0, (int)j1, seg_scale[s]);
-            g += j1 - j0;
+        SgmvItems run = sgmv_items_of_thread(&plan, tid, nt);
+        int k, s, j0, j1;
+        while (sgmv_items_next(&plan, &run, &k, &s, &j0, &j1)) {
+            const float *a = (const float *)plan.slices[k].a + (int64_t)seg_slot[s] * max_rank * in_f;
+            shrink_rows(sgmv_plan_h(&plan, k, s), max_rank, x, x_stride, a, in_f, seg_start[s], seg_end[s], j0, j1,
+                        seg_scale[s]);
         }
         #pragma omp barrier
-        const int units = (total_cols + LANES - 1) / LANES;
-        const int c_lo = units * tid / nt * LANES, c_hi = units * (tid + 1) / nt * LANES;
-        int base = 0;
-        for (int k = 0; k < num_slices; k++) {
-            const int out = slices[k].out;
-            const int c0 = c_lo - base > 0 ? c_lo - base : 0;
-            const int c1 = c_hi - base < out ? c_hi - base : out;
-            base += out;
+        for (k = 0; k < num_slices; k++) {
+            int c0, c1;
+            sgmv_thread_columns(&plan, tid, nt, LANES, k, &c0, &c1);
             if (c0 >= c1) continue;
-            for (int s = 0; s < num_segs; s++) {
-                const int slot = seg_slot[s], r = slices[k].ranks[slot];
+            const SgmvSlice *slice = &plan.slices[k];
+            for (s = 0; s < num_segs; s++) {
+                const int slot = seg_slot[s], r = slice->ranks[slot];
                 if (r == 0) continue;
-                expand_rows(y + slices[k].out_offset, y_stride, h + ((int64_t)k * rows + h_row[s]) * max_rank,
-                            max_rank, slices[k].b + (int64_t)slot * max_rank * out, out, r,
+                const float *b = (const float *)slice->b + (int64_t)slot * max_rank * slice->out;
+                expand_rows(y + slice->out_offset, y_stride, sgmv_plan_h(&plan, k, s), max_rank, b, slice->out, r,
                             seg_start[s], seg_end[s], c0, c1);
             }
         }
     }
-    free(item_start);
-    free(h_row);
-    free(h);
+    sgmv_plan_free(&plan);
 }
