@@ -76,6 +76,7 @@ from loramux.server.offline import OfflineEngine, OfflineRequest
 from tests.peft_adapters import AdapterRecipe, make_peft_adapter
 
 RANK, SLOTS, NUM_ADAPTERS = 16, 16, 1000
+DTYPE = torch.float32  # the serving dtype of every part (model, slots, CPU tier)
 NUM_COLD, CPU_ROUNDS = 24, 3  # cold: distinct adapters (> SLOTS, so slots get evicted)
 CPU_CACHE_BYTES = 2 << 30
 ZIPF_S = 1.0
@@ -169,7 +170,7 @@ def measure_loads(model_dir: Path, source: Path, root: Path, settings: Settings)
     copy_adapters(source, root, names)
     model = load_model(
         model_dir,
-        select_backend(torch.device("cpu"), torch.float32, name="torch"),
+        select_backend(torch.device("cpu"), DTYPE, name="torch"),
         max_model_len=256,
         max_lora_slots=SLOTS,
         max_lora_rank=RANK,
@@ -177,7 +178,7 @@ def measure_loads(model_dir: Path, source: Path, root: Path, settings: Settings)
     waiter = LoadWaiter()
     config = AdapterStoreConfig(adapter_dirs=(root,), cpu_cache_bytes=CPU_CACHE_BYTES, fresh_grace_s=0.0)
     store = AdapterStore(
-        config, model.spec.base_model_spec(), model.lora_buffers(), torch.float32, "cpu", on_load=waiter
+        config, model.spec.base_model_spec(), model.lora_buffers(), DTYPE, "cpu", on_load=waiter
     )
     gc.freeze()  # as `loramux serve` does once started: no full collection walks the model's objects
     with store:
@@ -293,7 +294,7 @@ def make_resident(parts: EngineParts, names: list[str]) -> None:
 def engine_config(model_dir: Path, root: Path, slots: int, cpu_cache_bytes: int) -> LoramuxConfig:
     return LoramuxConfig(
         model=ModelConfig(model_dir=model_dir, served_model_name="base", max_model_len=1024, num_threads=2,
-                          dtype="float32"),
+                          dtype=str(DTYPE).removeprefix("torch.")),
         lora=LoraSlotsConfig(max_loras=slots, max_lora_rank=RANK),
         cache=CacheConfig(kv_cache_bytes=512 << 20),
         adapters=AdapterStoreConfig(adapter_dirs=(root,), cpu_cache_bytes=cpu_cache_bytes),
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         zipf = measure_zipf(args.model_dir, source, tmp / "zipf", tokenizer, loads["adapter_bytes"], settings)
     ratio = zipf["ratio"]
     result = {
+        "dtype": str(DTYPE).removeprefix("torch."),
         "settings": {**settings.__dict__, "quick": args.quick, "slots": SLOTS, "rank": RANK,
                      "num_adapters": NUM_ADAPTERS, "zipf_s": ZIPF_S, "cpu_cache_bytes": CPU_CACHE_BYTES},
         "loads": loads,

@@ -412,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             warm = Tally()
             asyncio.run(traffic(url, adapters, versions, warmup_s, warm))
             wait_for_prefault(url)
+            dtype = httpx.get(f"{url}/info").json().get("model_dtype")  # what --dtype auto chose
             time.sleep(1.0)
             memory_start = memory_mb(server.pid)
             rss_start = memory_start["VmRSS"]
@@ -467,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             "health_max_ms": round(max(tally.health_ms, default=0.0), 1),
             "server_alive_at_end": alive,
             "server_args": SERVER_ARGS,
+            "dtype": dtype,
             "targets": {"errors": 0, "leaked_kv_blocks": 0, "leaked_leases": 0, "rss_growth_mb": 200,
                         "health_p99_ms": 500},
         }
